@@ -1,0 +1,16 @@
+//! The egress-deny tc classifier.
+//!
+//! Decides every packet by its destination address: one longest-prefix-match lookup in
+//! the node-wide rule trie of its family; the matched entry is either a deny rule or an
+//! `!` allow-exception. Attached to pod veths (tc ingress) and host uplinks (tc egress).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Only meaningful for bpfel-unknown-none; the host build is an empty stub so that
+    // workspace-wide `cargo clippy`/`cargo test` do not trip over it.
+}

@@ -1,0 +1,102 @@
+use std::{io, path::PathBuf};
+
+/// Errors of the datapath library. aya's errors are boxed: they are large and rare.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The installer's pinned program or maps are not there (not installed yet, or
+    /// removed). Callers map this to "try again later".
+    #[error("egress-deny is not installed: {} is missing", path.display())]
+    NotInstalled { path: PathBuf },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] Box<aya::EbpfError>),
+
+    #[error("{context}: {source}")]
+    Program {
+        context: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    #[error("{context}: {source}")]
+    Map {
+        context: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+
+    #[error("{context}: {source}")]
+    Link {
+        context: String,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn program(context: impl Into<String>, source: aya::programs::ProgramError) -> Self {
+        Error::Program {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    pub fn map(context: impl Into<String>, source: aya::maps::MapError) -> Self {
+        Error::Map {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    pub fn link(context: impl Into<String>, source: aya::programs::links::LinkError) -> Self {
+        Error::Link {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// True when the error means "the installer's state is missing" rather than a fault.
+    pub fn is_not_installed(&self) -> bool {
+        matches!(self, Error::NotInstalled { .. })
+    }
+}
+
+/// Turns ENOENT on `path` into `NotInstalled`, anything else into `Io`.
+pub(crate) fn missing_is_not_installed(path: &std::path::Path, err: io::Error) -> Error {
+    if err.kind() == io::ErrorKind::NotFound {
+        Error::NotInstalled {
+            path: path.to_path_buf(),
+        }
+    } else {
+        Error::io(format!("opening {}", path.display()), err)
+    }
+}

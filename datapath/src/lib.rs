@@ -1,0 +1,17 @@
+//! Userspace side of the egress-deny datapath, shared by the plugin and the installer.
+
+/// The compiled eBPF object (built by build.rs from `bpf/ebpf`).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-deny"));
+
+pub mod attach;
+pub mod counters;
+pub mod error;
+pub mod iface;
+pub mod loader;
+pub mod netns;
+pub mod paths;
+pub mod rules;
+
+pub use egress_deny_common as common;
+pub use error::{Error, Result};

@@ -1,0 +1,223 @@
+//! Loading the eBPF object and pinning program and maps: the installer's job.
+//!
+//! The installer owns the map definitions. aya reuses a pinned map without checking
+//! that its definition matches (see DESIGN.md), so every pinned map is checked here
+//! first: compatible maps are reused (rules stay enforced across restarts), an
+//! incompatible one is unpinned deliberately and recreated.
+use std::{fs, io, path::Path};
+
+use aya::{
+    EbpfLoader,
+    maps::{MapInfo, MapType},
+    programs::SchedClassifier,
+};
+use egress_deny_common::{MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY};
+
+use crate::{
+    EBPF_OBJECT,
+    error::{Error, Result},
+    paths::{COUNTERS_MAP, PinLayout, ProgramKind, V4_RULES_MAP, V6_RULES_MAP},
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// What a pinned map must look like to be reused.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+pub const MAP_SPECS: [MapSpec; 3] = [
+    MapSpec {
+        name: V4_RULES_MAP,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + 4,
+        value_size: 4,
+        max_entries: MAX_RULES_PER_FAMILY,
+        flags: BPF_F_NO_PREALLOC,
+    },
+    MapSpec {
+        name: V6_RULES_MAP,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + 16,
+        value_size: 4,
+        max_entries: MAX_RULES_PER_FAMILY,
+        flags: BPF_F_NO_PREALLOC,
+    },
+    MapSpec {
+        name: COUNTERS_MAP,
+        map_type: MapType::PerCpuHash,
+        key_size: 4,
+        value_size: 32,
+        max_entries: MAX_ATTACHMENTS,
+        flags: 0,
+    },
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOutcome {
+    Created,
+    Reused,
+    /// The pinned map had another definition (an older or newer egress-deny); it was
+    /// unpinned and a new one created. Programs still attached keep the old map alive
+    /// until they are moved to the new program.
+    Replaced {
+        was: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct LoadReport {
+    pub maps: Vec<(&'static str, MapOutcome)>,
+    /// Kernel program IDs of the freshly pinned programs.
+    pub programs: Vec<(ProgramKind, u32)>,
+}
+
+/// Loads the embedded object, reusing compatible pinned maps, and pins both programs
+/// (replacing older program pins atomically by rename).
+pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
+    ensure_bpffs(layout.root())?;
+    for dir in [layout.root().to_path_buf(), layout.links_dir()] {
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+
+    let mut maps = Vec::new();
+    for spec in MAP_SPECS {
+        let path = layout.map(spec.name);
+        let outcome = match MapInfo::from_pin(&path) {
+            Ok(info) => match describe_mismatch(&spec, &info) {
+                None => MapOutcome::Reused,
+                Some(was) => {
+                    log::warn!(
+                        "pinned map {} is incompatible ({was}); replacing it",
+                        path.display()
+                    );
+                    fs::remove_file(&path)
+                        .map_err(|e| Error::io(format!("unpinning {}", path.display()), e))?;
+                    MapOutcome::Replaced { was }
+                }
+            },
+            Err(_) if !path.exists() => MapOutcome::Created,
+            Err(e) => return Err(Error::map(format!("inspecting {}", path.display()), e)),
+        };
+        maps.push((spec.name, outcome));
+    }
+
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<_> = MAP_SPECS
+        .iter()
+        .map(|s| (s.name, layout.map(s.name)))
+        .collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))?;
+
+    let mut programs = Vec::new();
+    for kind in ProgramKind::ALL {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(kind.name())
+            .ok_or_else(|| Error::Invalid(format!("program {} missing from object", kind.name())))?
+            .try_into()
+            .map_err(|e| Error::program(format!("program {}", kind.name()), e))?;
+        program
+            .load()
+            .map_err(|e| Error::program(format!("loading program {}", kind.name()), e))?;
+        let id = program
+            .info()
+            .map_err(|e| Error::program("reading program info", e))?
+            .id();
+        let final_path = layout.program(kind);
+        let tmp_path = layout.root().join(format!("{}_new", kind.name()));
+        let _ = fs::remove_file(&tmp_path);
+        program.pin(&tmp_path).map_err(|e| Error::Pin {
+            path: tmp_path.clone(),
+            source: Box::new(e),
+        })?;
+        fs::rename(&tmp_path, &final_path)
+            .map_err(|e| Error::io(format!("replacing {}", final_path.display()), e))?;
+        programs.push((kind, id));
+    }
+    Ok(LoadReport { maps, programs })
+}
+
+fn describe_mismatch(spec: &MapSpec, info: &MapInfo) -> Option<String> {
+    let map_type = info.map_type().ok();
+    let actual = (
+        map_type,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.map_flags(),
+    );
+    let expected = (
+        Some(spec.map_type),
+        spec.key_size,
+        spec.value_size,
+        spec.max_entries,
+        spec.flags,
+    );
+    (actual != expected).then(|| {
+        format!(
+            "type {:?} key {} value {} max_entries {} flags {:#x}",
+            actual.0, actual.1, actual.2, actual.3, actual.4
+        )
+    })
+}
+
+/// Makes sure `dir` will be on a bpffs: if its closest existing ancestor is not one,
+/// mounts bpffs on the pin dir's parent (normally /sys/fs/bpf).
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    if is_bpffs(probe)? {
+        return Ok(());
+    }
+    let mount_point = dir.parent().unwrap_or(dir);
+    fs::create_dir_all(mount_point)
+        .map_err(|e| Error::io(format!("creating {}", mount_point.display()), e))?;
+    log::info!("mounting bpffs on {}", mount_point.display());
+    nix::mount::mount(
+        Some("bpf"),
+        mount_point,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("mounting bpffs on {}", mount_point.display()),
+            e.into(),
+        )
+    })
+}
+
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    let stat = nix::sys::statfs::statfs(path)
+        .map_err(|e| Error::io(format!("statfs {}", path.display()), io::Error::from(e)))?;
+    Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Removes every pin under the pin dir (programs, maps, links) and the dir itself.
+/// Missing entries are fine: uninstall must be repeatable.
+pub fn unpin_all(layout: &PinLayout) -> Result<()> {
+    match fs::remove_dir_all(layout.root()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(
+            format!("removing {}", layout.root().display()),
+            e,
+        )),
+    }
+}

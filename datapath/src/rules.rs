@@ -1,0 +1,178 @@
+//! The pinned rule tries: one LPM trie per family holding deny rules and `!` allow
+//! exceptions. The longest matching prefix decides.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{
+    Map, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use egress_deny_common::{ACTION_DENY, RuleValue};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{
+    error::{Error, Result, missing_is_not_installed},
+    paths::{PinLayout, V4_RULES_MAP, V6_RULES_MAP},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Deny,
+    Allow,
+}
+
+impl Action {
+    fn value(self, prefix_len: u8) -> RuleValue {
+        match self {
+            Action::Deny => RuleValue::deny(prefix_len),
+            Action::Allow => RuleValue::allow(prefix_len),
+        }
+    }
+
+    fn of(value: &RuleValue) -> Self {
+        if value.action == ACTION_DENY {
+            Action::Deny
+        } else {
+            Action::Allow
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Deny => "deny",
+            Action::Allow => "allow",
+        }
+    }
+}
+
+/// Result of looking an address up the way the datapath does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The deciding entry; `None` when no entry matches (allowed by default).
+    pub prefix: Option<IpNet>,
+}
+
+pub struct RuleMaps {
+    v4: LpmTrie<MapData, [u8; 4], RuleValue>,
+    v6: LpmTrie<MapData, [u8; 16], RuleValue>,
+}
+
+fn open_trie<K: aya::Pod>(
+    layout: &PinLayout,
+    name: &str,
+) -> Result<LpmTrie<MapData, K, RuleValue>> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| match e {
+        MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
+        other => Error::map(format!("opening {}", path.display()), other),
+    })?;
+    LpmTrie::try_from(Map::LpmTrie(data)).map_err(|e| {
+        Error::map(
+            format!("{} is not the expected LPM trie", path.display()),
+            e,
+        )
+    })
+}
+
+impl RuleMaps {
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            v4: open_trie(layout, V4_RULES_MAP)?,
+            v6: open_trie(layout, V6_RULES_MAP)?,
+        })
+    }
+
+    /// Inserts or overwrites the entry for exactly `net`.
+    pub fn insert(&mut self, net: IpNet, action: Action) -> Result<()> {
+        let net = net.trunc();
+        let value = action.value(net.prefix_len());
+        match net {
+            IpNet::V4(n) => self.v4.insert(&v4_key(&n), value, 0),
+            IpNet::V6(n) => self.v6.insert(&v6_key(&n), value, 0),
+        }
+        .map_err(|e| Error::map(format!("inserting {net}"), e))
+    }
+
+    /// Removes the entry for exactly `net`. Returns false when there was none.
+    pub fn remove(&mut self, net: IpNet) -> Result<bool> {
+        let net = net.trunc();
+        let res = match net {
+            IpNet::V4(n) => self.v4.remove(&v4_key(&n)),
+            IpNet::V6(n) => self.v6.remove(&v6_key(&n)),
+        };
+        match res {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(Error::map(format!("removing {net}"), e)),
+        }
+    }
+
+    /// The action stored for exactly `net`, if there is such an entry.
+    pub fn get_exact(&self, net: IpNet) -> Result<Option<Action>> {
+        let net = net.trunc();
+        let found = match net {
+            IpNet::V4(n) => not_found_is_none(self.v4.get(&v4_key(&n), 0))?,
+            IpNet::V6(n) => not_found_is_none(self.v6.get(&v6_key(&n), 0))?,
+        };
+        Ok(found
+            .filter(|v| v.prefix_len == net.prefix_len())
+            .map(|v| Action::of(&v)))
+    }
+
+    /// Decides `addr` exactly as the eBPF program does.
+    pub fn lookup(&self, addr: IpAddr) -> Result<Decision> {
+        let found = match addr {
+            IpAddr::V4(a) => not_found_is_none(self.v4.get(&Key::new(32, a.octets()), 0))?,
+            IpAddr::V6(a) => not_found_is_none(self.v6.get(&Key::new(128, a.octets()), 0))?,
+        };
+        Ok(match found {
+            None => Decision {
+                action: Action::Allow,
+                prefix: None,
+            },
+            Some(v) => Decision {
+                action: Action::of(&v),
+                prefix: IpNet::new(addr, v.prefix_len).ok().map(|n| n.trunc()),
+            },
+        })
+    }
+
+    /// Every entry of both tries (a full walk: O(n) syscalls).
+    pub fn entries(&self) -> Result<Vec<(IpNet, Action)>> {
+        let mut out = Vec::new();
+        for item in self.v4.iter() {
+            let (key, value) = item.map_err(|e| Error::map("walking v4_rules", e))?;
+            let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            out.push((IpNet::V4(net), Action::of(&value)));
+        }
+        for item in self.v6.iter() {
+            let (key, value) = item.map_err(|e| Error::map("walking v6_rules", e))?;
+            let net = Ipv6Net::new(Ipv6Addr::from(key.data()), key.prefix_len() as u8)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            out.push((IpNet::V6(net), Action::of(&value)));
+        }
+        Ok(out)
+    }
+}
+
+fn v4_key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+fn v6_key(net: &Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+fn not_found_is_none(res: std::result::Result<RuleValue, MapError>) -> Result<Option<RuleValue>> {
+    match res {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(e) => Err(Error::map("looking up a rule", e)),
+    }
+}

@@ -1,0 +1,147 @@
+//! Fixtures for privileged tests: private bpffs pin dirs, network namespaces and veths
+//! with random names, all removed by guards that run even when a test fails.
+pub mod packet;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use egress_deny_datapath::{loader, paths::PinLayout};
+use rand::Rng;
+
+/// A short random suffix for names (interface names are limited to 15 bytes).
+pub fn random_suffix() -> String {
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| char::from(b'a' + rng.random_range(0..26)))
+        .collect()
+}
+
+/// Runs a command, failing with its stderr when it does not succeed.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip` with arguments given as one string (test set-up only).
+pub fn ip(args: &str) -> Result<String> {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
+
+/// Runs a command inside a named network namespace.
+pub fn in_netns(ns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// A private pin dir with the program and maps loaded by the installer's own code.
+pub struct PinDir {
+    pub layout: PinLayout,
+}
+
+impl PinDir {
+    pub fn new() -> Result<Self> {
+        let root = PathBuf::from(format!("/sys/fs/bpf/egress-deny-test-{}", random_suffix()));
+        let layout = PinLayout::new(root);
+        let guard = Self { layout };
+        loader::load_and_pin(&guard.layout).context("load_and_pin")?;
+        Ok(guard)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.layout.root()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = loader::unpin_all(&self.layout);
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = format!("{prefix}-{}", random_suffix());
+        ip(&format!("netns add {name}"))?;
+        let ns = Self { name };
+        ns.exec("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.name))
+    }
+
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        in_netns(&self.name, program, args)
+    }
+
+    pub fn ip(&self, args: &str) -> Result<String> {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        self.exec("ip", &args)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A host-side interface in the current namespace, deleted on drop (with its peer).
+pub struct HostLink {
+    pub name: String,
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// Polls `probe` until it returns true or the deadline passes.
+pub fn wait_until(what: &str, timeout: Duration, mut probe: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Fails loudly unless running as root: privileged tests must never skip silently.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged tests must run as root"
+    );
+}
