@@ -11,6 +11,7 @@ pub mod iface;
 pub mod loader;
 pub mod netns;
 pub mod paths;
+pub mod records;
 pub mod rules;
 
 pub use egress_deny_common as common;

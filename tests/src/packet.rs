@@ -47,7 +47,7 @@ impl Default for Ipv4Options {
 
 /// IPv4 header (+ options) followed by a small UDP payload.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, opts: &Ipv4Options) -> Vec<u8> {
-    assert!(opts.options.len() % 4 == 0 && opts.options.len() <= 40);
+    assert!(opts.options.len().is_multiple_of(4) && opts.options.len() <= 40);
     let ihl = 5 + opts.options.len() / 4;
     let payload = udp(40000, 9, b"egress-deny");
     let total = ihl * 4 + payload.len();

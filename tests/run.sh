@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: toolchain bootstrap, lint gates, unit + privileged integration
+# tests (real namespaces, veths, traffic; needs root). Usage: bash tests/run.sh [cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "tests/run.sh: the privileged tests need root" >&2
+  exit 1
+fi
+
+bash tests/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | grep -v '^warning: egress-deny-datapath@'
