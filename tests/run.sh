@@ -15,5 +15,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build (binaries the integration tests execute)"
+cargo build --workspace --bins --quiet 2>&1 | grep -v '^warning: egress-deny-datapath@' || true
 echo "== cargo test"
 cargo test --workspace --no-fail-fast "$@" 2>&1 | grep -v '^warning: egress-deny-datapath@'

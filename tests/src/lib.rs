@@ -145,3 +145,18 @@ pub fn require_root() {
         "privileged tests must run as root"
     );
 }
+
+/// Path of a workspace binary (`egress-deny`, `egress-deny-installer`) built by
+/// `cargo build --workspace --bins` (tests/run.sh does this before `cargo test`).
+/// Test executables live in target/<profile>/deps, binaries one level up.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
