@@ -11,11 +11,15 @@ fi
 
 bash tests/setup.sh
 
+# aya-build relays every line of the nested eBPF cargo build as a cargo warning; drop
+# those. pipefail keeps cargo's exit status.
+quiet_aya_build() { grep -v '^warning: egress-deny-datapath@' || true; }
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (binaries the integration tests execute)"
-cargo build --workspace --bins --quiet 2>&1 | grep -v '^warning: egress-deny-datapath@' || true
+cargo build --workspace --bins --quiet 2>&1 | quiet_aya_build
 echo "== cargo test"
-cargo test --workspace --no-fail-fast "$@" 2>&1 | grep -v '^warning: egress-deny-datapath@'
+cargo test --workspace --no-fail-fast "$@" 2>&1 | quiet_aya_build
