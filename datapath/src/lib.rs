@@ -7,6 +7,7 @@ pub static EBPF_OBJECT: &[u8] =
 pub mod attach;
 pub mod counters;
 pub mod error;
+pub mod events;
 pub mod iface;
 pub mod loader;
 pub mod netns;

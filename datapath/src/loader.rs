@@ -11,12 +11,14 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::SchedClassifier,
 };
-use egress_deny_common::{MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY};
+use egress_deny_common::{EVENTS_RING_BYTES, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY};
 
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
-    paths::{COUNTERS_MAP, PinLayout, ProgramKind, V4_RULES_MAP, V6_RULES_MAP},
+    paths::{
+        CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, V4_RULES_MAP, V6_RULES_MAP,
+    },
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -33,7 +35,7 @@ pub struct MapSpec {
     pub flags: u32,
 }
 
-pub const MAP_SPECS: [MapSpec; 3] = [
+pub const MAP_SPECS: [MapSpec; 5] = [
     MapSpec {
         name: V4_RULES_MAP,
         map_type: MapType::LpmTrie,
@@ -54,8 +56,24 @@ pub const MAP_SPECS: [MapSpec; 3] = [
         name: COUNTERS_MAP,
         map_type: MapType::PerCpuHash,
         key_size: 4,
-        value_size: 32,
+        value_size: 48,
         max_entries: MAX_ATTACHMENTS,
+        flags: 0,
+    },
+    MapSpec {
+        name: CONFIG_MAP,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        flags: 0,
+    },
+    MapSpec {
+        name: EVENTS_MAP,
+        map_type: MapType::RingBuf,
+        key_size: 0,
+        value_size: 0,
+        max_entries: EVENTS_RING_BYTES,
         flags: 0,
     },
 ];

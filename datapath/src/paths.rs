@@ -7,6 +7,8 @@
 //! <pinDir>/v4_rules           LPM trie, IPv4 rules
 //! <pinDir>/v6_rules           LPM trie, IPv6 rules
 //! <pinDir>/counters           per-CPU counters per attachment (ifindex)
+//! <pinDir>/config             datapath settings (deny-event rate)
+//! <pinDir>/events             ring buffer of deny events
 //! <pinDir>/links/pod_<containerID>_<ifname>   TCX link of a pod attachment
 //! <pinDir>/links/host_<ifname>                TCX link of a host interface
 //! ```
@@ -20,7 +22,15 @@ pub const DEFAULT_STATE_DIR: &str = "/run/egress-deny";
 pub const V4_RULES_MAP: &str = "v4_rules";
 pub const V6_RULES_MAP: &str = "v6_rules";
 pub const COUNTERS_MAP: &str = "counters";
-pub const ALL_MAPS: [&str; 3] = [V4_RULES_MAP, V6_RULES_MAP, COUNTERS_MAP];
+pub const CONFIG_MAP: &str = "config";
+pub const EVENTS_MAP: &str = "events";
+pub const ALL_MAPS: [&str; 5] = [
+    V4_RULES_MAP,
+    V6_RULES_MAP,
+    COUNTERS_MAP,
+    CONFIG_MAP,
+    EVENTS_MAP,
+];
 
 /// Program (function) names in the eBPF object, also their pin names.
 pub const PROGRAM_ETHERNET: &str = "egress_deny";

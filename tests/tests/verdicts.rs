@@ -504,3 +504,75 @@ fn removing_a_rule_changes_the_verdict_and_empty_maps_allow_everything() {
     );
     assert!(maps.entries().unwrap().is_empty());
 }
+
+/// Pins the calling thread to one CPU: counters and the event budget are per CPU.
+fn pin_to_current_cpu() {
+    // SAFETY: plain libc calls on the current thread with a zeroed cpu_set_t.
+    unsafe {
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
+}
+
+#[test]
+fn deny_events_name_the_rule_and_are_rate_limited() {
+    use egress_deny_datapath::events::{self, EventReader};
+    require_root();
+    pin_to_current_cpu();
+    let pins = PinDir::new().unwrap();
+    load_rules(
+        &pins,
+        &[
+            ("203.0.113.0/24", Action::Deny),
+            ("2001:db8::/32", Action::Deny),
+        ],
+    );
+    let eth = program(&pins, ProgramKind::Ethernet);
+    let mut reader = EventReader::open(&pins.layout).unwrap();
+    let run = |packet: &[u8], repeat: u32| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.repeat = repeat;
+        eth.test_run(opts).unwrap().return_value
+    };
+
+    // Off by default: drops, but no events.
+    assert_eq!(events::events_per_second(&pins.layout).unwrap(), 0);
+    assert_eq!(run(&eth_v4("203.0.113.9"), 5), TC_ACT_SHOT);
+    assert!(reader.next().is_none(), "events while turned off");
+
+    events::set_events_per_second(&pins.layout, 3).unwrap();
+    let before = CounterMap::open(&pins.layout)
+        .unwrap()
+        .get(LOOPBACK_IFINDEX)
+        .unwrap();
+    assert_eq!(run(&eth_v4("203.0.113.9"), 10), TC_ACT_SHOT);
+    assert_eq!(run(&eth_v4("192.0.2.1"), 10), TC_ACT_UNSPEC);
+    let mut seen = Vec::new();
+    while let Some(event) = reader.next() {
+        seen.push(event);
+    }
+    assert_eq!(seen.len(), 3, "budget of 3 per second: {seen:?}");
+    for event in &seen {
+        assert_eq!(event.ifindex, LOOPBACK_IFINDEX);
+        assert_eq!(event.destination, Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(event.rule, Some("203.0.113.0/24".parse().unwrap()));
+    }
+    let after = CounterMap::open(&pins.layout)
+        .unwrap()
+        .get(LOOPBACK_IFINDEX)
+        .unwrap();
+    assert_eq!(after.events_suppressed - before.events_suppressed, 7);
+
+    // IPv6 events carry the v6 rule (the window still holds: raise the budget).
+    events::set_events_per_second(&pins.layout, 1000).unwrap();
+    assert_eq!(run(&eth_v6("2001:db8::99"), 1), TC_ACT_SHOT);
+    let event = reader.next().expect("v6 event");
+    assert_eq!(event.rule, Some("2001:db8::/32".parse().unwrap()));
+    assert!(reader.next().is_none());
+}

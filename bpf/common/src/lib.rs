@@ -58,7 +58,8 @@ pub struct CounterKey {
     pub ifindex: u32,
 }
 
-/// Per-CPU packet/byte counters of one attachment.
+/// Per-CPU packet/byte counters of one attachment, plus the per-CPU state of its
+/// deny-event rate limit (kept here because the deny path already holds this entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -66,6 +67,12 @@ pub struct Counters {
     pub allowed_bytes: u64,
     pub denied_packets: u64,
     pub denied_bytes: u64,
+    /// Start (bpf_ktime_get_ns) of the current one-second event window.
+    pub events_window_start_ns: u64,
+    /// Deny events emitted in the current window.
+    pub events_in_window: u32,
+    /// Deny events not emitted: over the rate limit, or the ring buffer was full.
+    pub events_suppressed: u32,
 }
 
 impl Counters {
@@ -75,7 +82,42 @@ impl Counters {
         self.allowed_bytes += other.allowed_bytes;
         self.denied_packets += other.denied_packets;
         self.denied_bytes += other.denied_bytes;
+        self.events_suppressed = self.events_suppressed.wrapping_add(other.events_suppressed);
     }
+}
+
+/// Size of the deny-event ring buffer (a power of two multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Single-entry array: the datapath's runtime settings, written by the installer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Deny events per second per attachment and CPU; 0 turns events off.
+    pub events_per_second: u32,
+    pub _pad: u32,
+}
+
+/// `DenyEvent::family` for an IP packet whose destination could not be read.
+pub const FAMILY_UNREADABLE: u8 = 0;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// One denied packet, reported through the ring buffer (rate-limited).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEvent {
+    pub timestamp_ns: u64,
+    /// Attachment (interface) that dropped it.
+    pub ifindex: u32,
+    pub packet_len: u32,
+    /// FAMILY_V4, FAMILY_V6 or FAMILY_UNREADABLE.
+    pub family: u8,
+    /// Prefix length of the deny rule that matched (the rule is `daddr/prefix_len`).
+    pub prefix_len: u8,
+    pub _pad: [u8; 6],
+    /// Destination; IPv4 in the first four bytes.
+    pub daddr: [u8; 16],
 }
 
 #[cfg(feature = "user")]
@@ -84,6 +126,8 @@ mod user {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::DenyEvent {}
 }
 
 #[cfg(test)]
@@ -95,6 +139,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleValue>(), 4);
         assert_eq!(size_of::<CounterKey>(), 4);
-        assert_eq!(size_of::<Counters>(), 32);
+        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<DatapathConfig>(), 8);
+        assert_eq!(size_of::<DenyEvent>(), 40);
     }
 }

@@ -2,11 +2,15 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::generated::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
-use egress_deny_common::{CounterKey, Counters, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY, RuleValue};
+use egress_deny_common::{
+    CounterKey, Counters, DatapathConfig, DenyEvent, EVENTS_RING_BYTES, FAMILY_UNREADABLE,
+    FAMILY_V4, FAMILY_V6, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY, RuleValue,
+};
 
 // Map names are part of the bpffs layout (see datapath::paths); keep them in sync.
 #[map(name = "v4_rules")]
@@ -18,6 +22,14 @@ static V6_RULES: LpmTrie<[u8; 16], RuleValue> = LpmTrie::with_max_entries(MAX_RU
 #[map(name = "counters")]
 static COUNTERS: PerCpuHashMap<CounterKey, Counters> =
     PerCpuHashMap::with_max_entries(MAX_ATTACHMENTS, 0);
+
+#[map(name = "config")]
+static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "events")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -34,24 +46,37 @@ const IPV6_DADDR_OFFSET: usize = 24;
 
 enum Verdict {
     Allow,
-    Deny,
+    Deny(Match),
+}
+
+/// What a deny event reports: the destination and the deny rule's prefix length.
+struct Match {
+    family: u8,
+    prefix_len: u8,
+    daddr: [u8; 16],
 }
 
 /// The packet claims to be IP but its destination address cannot be read. The stack
 /// would drop it anyway; we drop it too rather than guess (fail closed).
 struct Unreadable;
 
+const UNREADABLE: Verdict = Verdict::Deny(Match {
+    family: FAMILY_UNREADABLE,
+    prefix_len: 0,
+    daddr: [0; 16],
+});
+
 /// Program for devices with an Ethernet header (veth, physical NICs, bonds, VLANs).
 #[classifier]
 pub fn egress_deny(ctx: TcContext) -> i32 {
-    let verdict = try_egress_deny(&ctx).unwrap_or(Verdict::Deny);
+    let verdict = try_egress_deny(&ctx).unwrap_or(UNREADABLE);
     finish(&ctx, verdict)
 }
 
 /// Program for L3 devices without an Ethernet header (wireguard, ipip, tun).
 #[classifier]
 pub fn egress_deny_l3(ctx: TcContext) -> i32 {
-    let verdict = try_egress_deny_l3(&ctx).unwrap_or(Verdict::Deny);
+    let verdict = try_egress_deny_l3(&ctx).unwrap_or(UNREADABLE);
     finish(&ctx, verdict)
 }
 
@@ -97,58 +122,110 @@ fn try_egress_deny_l3(ctx: &TcContext) -> Result<Verdict, Unreadable> {
 #[inline(always)]
 fn decide_v4(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     let daddr: [u8; 4] = read(ctx, l3_offset + IPV4_DADDR_OFFSET).ok_or(Unreadable)?;
-    Ok(verdict_of(V4_RULES.get(Key::new(32, daddr))))
+    Ok(match V4_RULES.get(Key::new(32, daddr)) {
+        Some(rule) if rule.is_deny() => {
+            let mut wide = [0u8; 16];
+            wide[..4].copy_from_slice(&daddr);
+            Verdict::Deny(Match {
+                family: FAMILY_V4,
+                prefix_len: rule.prefix_len,
+                daddr: wide,
+            })
+        }
+        _ => Verdict::Allow,
+    })
 }
 
 #[inline(always)]
 fn decide_v6(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     let daddr: [u8; 16] = read(ctx, l3_offset + IPV6_DADDR_OFFSET).ok_or(Unreadable)?;
-    Ok(verdict_of(V6_RULES.get(Key::new(128, daddr))))
-}
-
-#[inline(always)]
-fn verdict_of(rule: Option<&RuleValue>) -> Verdict {
-    match rule {
-        Some(rule) if rule.is_deny() => Verdict::Deny,
+    Ok(match V6_RULES.get(Key::new(128, daddr)) {
+        Some(rule) if rule.is_deny() => Verdict::Deny(Match {
+            family: FAMILY_V6,
+            prefix_len: rule.prefix_len,
+            daddr,
+        }),
         _ => Verdict::Allow,
-    }
+    })
 }
 
 #[inline(always)]
 fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
-    let denied = matches!(verdict, Verdict::Deny);
-    count(ctx, denied);
-    if denied {
-        TC_ACT_SHOT
-    } else {
-        // "Continue" rather than TC_ACT_OK: later tc/TCX programs (the primary CNI's)
-        // must still run.
-        TC_ACT_UNSPEC
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    match verdict {
+        Verdict::Allow => {
+            count(ifindex, false, len);
+            // "Continue" rather than TC_ACT_OK: later tc/TCX programs (the primary
+            // CNI's) must still run.
+            TC_ACT_UNSPEC
+        }
+        Verdict::Deny(matched) => {
+            if let Some(counters) = count(ifindex, true, len) {
+                // SAFETY: per-CPU value, only this CPU writes it while we run.
+                report(unsafe { &mut *counters }, ifindex, len, &matched);
+            }
+            TC_ACT_SHOT
+        }
     }
 }
 
+/// Counts the packet; returns the attachment's per-CPU entry.
 #[inline(always)]
-fn count(ctx: &TcContext, denied: bool) {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let key = CounterKey {
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-    };
-    let bytes = u64::from(ctx.len());
+fn count(ifindex: u32, denied: bool, len: u32) -> Option<*mut Counters> {
+    let key = CounterKey { ifindex };
+    let bytes = u64::from(len);
     if let Some(counters) = COUNTERS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
         unsafe { bump(&mut *counters, denied, bytes) };
-        return;
+        return Some(counters);
     }
     let mut fresh = Counters::default();
     bump(&mut fresh, denied, bytes);
     if COUNTERS
         .insert(&key, &fresh, u64::from(BPF_NOEXIST))
-        .is_err()
+        .is_ok()
     {
-        // Another CPU created the entry first (or the map is full): add to it.
-        if let Some(counters) = COUNTERS.get_ptr_mut(&key) {
-            unsafe { bump(&mut *counters, denied, bytes) };
-        }
+        return COUNTERS.get_ptr_mut(&key);
+    }
+    // Another CPU created the entry first (or the map is full): add to it.
+    let counters = COUNTERS.get_ptr_mut(&key)?;
+    unsafe { bump(&mut *counters, denied, bytes) };
+    Some(counters)
+}
+
+/// Deny path only: emits a deny event unless events are off or this attachment is over
+/// its per-CPU budget for the current one-second window. The allow path never gets here.
+#[inline(always)]
+fn report(counters: &mut Counters, ifindex: u32, len: u32, matched: &Match) {
+    let per_second = match CONFIG.get(0) {
+        Some(config) if config.events_per_second > 0 => config.events_per_second,
+        _ => return,
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(counters.events_window_start_ns) >= NS_PER_SEC {
+        counters.events_window_start_ns = now;
+        counters.events_in_window = 0;
+    }
+    if counters.events_in_window >= per_second {
+        counters.events_suppressed = counters.events_suppressed.wrapping_add(1);
+        return;
+    }
+    let event = DenyEvent {
+        timestamp_ns: now,
+        ifindex,
+        packet_len: len,
+        family: matched.family,
+        prefix_len: matched.prefix_len,
+        _pad: [0; 6],
+        daddr: matched.daddr,
+    };
+    if EVENTS.output::<DenyEvent>(&event, 0).is_ok() {
+        counters.events_in_window += 1;
+    } else {
+        counters.events_suppressed = counters.events_suppressed.wrapping_add(1);
     }
 }
 

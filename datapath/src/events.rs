@@ -1,0 +1,110 @@
+//! Deny events: the program reports denied packets through a ring buffer, rate-limited
+//! per attachment and CPU; the installer reads them and logs who was denied what.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{Array, Map, MapData, MapError, RingBuf};
+use egress_deny_common::{DatapathConfig, DenyEvent, FAMILY_V4, FAMILY_V6};
+use ipnet::IpNet;
+
+use crate::{
+    error::{Error, Result, missing_is_not_installed},
+    paths::{CONFIG_MAP, EVENTS_MAP, PinLayout},
+};
+
+fn open_pinned(layout: &PinLayout, name: &str) -> Result<MapData> {
+    let path = layout.map(name);
+    MapData::from_pin(&path).map_err(|e| match e {
+        MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
+        other => Error::map(format!("opening {}", path.display()), other),
+    })
+}
+
+/// Sets the deny-event budget (events per second per attachment and CPU; 0 = off).
+pub fn set_events_per_second(layout: &PinLayout, per_second: u32) -> Result<()> {
+    let mut config: Array<MapData, DatapathConfig> =
+        Array::try_from(Map::Array(open_pinned(layout, CONFIG_MAP)?))
+            .map_err(|e| Error::map("config map", e))?;
+    let value = DatapathConfig {
+        events_per_second: per_second,
+        _pad: 0,
+    };
+    config
+        .set(0, value, 0)
+        .map_err(|e| Error::map("writing datapath config", e))
+}
+
+pub fn events_per_second(layout: &PinLayout) -> Result<u32> {
+    let config: Array<MapData, DatapathConfig> =
+        Array::try_from(Map::Array(open_pinned(layout, CONFIG_MAP)?))
+            .map_err(|e| Error::map("config map", e))?;
+    Ok(config
+        .get(&0, 0)
+        .map_err(|e| Error::map("reading datapath config", e))?
+        .events_per_second)
+}
+
+/// A decoded deny event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub packet_len: u32,
+    /// Destination; `None` when the packet's IP header was too short to read it.
+    pub destination: Option<IpAddr>,
+    /// The deny rule that matched (`None` for unreadable headers).
+    pub rule: Option<IpNet>,
+}
+
+impl Denied {
+    pub fn decode(event: &DenyEvent) -> Self {
+        let destination = match event.family {
+            FAMILY_V4 => {
+                let mut octets = [0u8; 4];
+                octets.copy_from_slice(&event.daddr[..4]);
+                Some(IpAddr::V4(Ipv4Addr::from(octets)))
+            }
+            FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(event.daddr))),
+            _ => None,
+        };
+        let rule = destination
+            .and_then(|d| IpNet::new(d, event.prefix_len).ok())
+            .map(|n| n.trunc());
+        Self {
+            timestamp_ns: event.timestamp_ns,
+            ifindex: event.ifindex,
+            packet_len: event.packet_len,
+            destination,
+            rule,
+        }
+    }
+}
+
+/// Consumer of the pinned ring buffer (one consumer per node: the installer).
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl EventReader {
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let ring = RingBuf::try_from(Map::RingBuf(open_pinned(layout, EVENTS_MAP)?))
+            .map_err(|e| Error::map("events ring buffer", e))?;
+        Ok(Self { ring })
+    }
+
+    /// Next pending event, if any (non-blocking). Poll the fd (`AsRawFd`) to wait.
+    pub fn next(&mut self) -> Option<Denied> {
+        let item = self.ring.next()?;
+        if item.len() < std::mem::size_of::<DenyEvent>() {
+            return None;
+        }
+        // SAFETY: the program writes whole DenyEvents; read_unaligned copes with alignment.
+        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DenyEvent>()) };
+        Some(Denied::decode(&event))
+    }
+}
+
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
