@@ -92,7 +92,7 @@ impl EventReader {
     }
 
     /// Next pending event, if any (non-blocking). Poll the fd (`AsRawFd`) to wait.
-    pub fn next(&mut self) -> Option<Denied> {
+    pub fn next_event(&mut self) -> Option<Denied> {
         let item = self.ring.next()?;
         if item.len() < std::mem::size_of::<DenyEvent>() {
             return None;

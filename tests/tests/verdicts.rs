@@ -544,7 +544,7 @@ fn deny_events_name_the_rule_and_are_rate_limited() {
     // Off by default: drops, but no events.
     assert_eq!(events::events_per_second(&pins.layout).unwrap(), 0);
     assert_eq!(run(&eth_v4("203.0.113.9"), 5), TC_ACT_SHOT);
-    assert!(reader.next().is_none(), "events while turned off");
+    assert!(reader.next_event().is_none(), "events while turned off");
 
     events::set_events_per_second(&pins.layout, 3).unwrap();
     let before = CounterMap::open(&pins.layout)
@@ -554,7 +554,7 @@ fn deny_events_name_the_rule_and_are_rate_limited() {
     assert_eq!(run(&eth_v4("203.0.113.9"), 10), TC_ACT_SHOT);
     assert_eq!(run(&eth_v4("192.0.2.1"), 10), TC_ACT_UNSPEC);
     let mut seen = Vec::new();
-    while let Some(event) = reader.next() {
+    while let Some(event) = reader.next_event() {
         seen.push(event);
     }
     assert_eq!(seen.len(), 3, "budget of 3 per second: {seen:?}");
@@ -572,7 +572,7 @@ fn deny_events_name_the_rule_and_are_rate_limited() {
     // IPv6 events carry the v6 rule (the window still holds: raise the budget).
     events::set_events_per_second(&pins.layout, 1000).unwrap();
     assert_eq!(run(&eth_v6("2001:db8::99"), 1), TC_ACT_SHOT);
-    let event = reader.next().expect("v6 event");
+    let event = reader.next_event().expect("v6 event");
     assert_eq!(event.rule, Some("2001:db8::/32".parse().unwrap()));
-    assert!(reader.next().is_none());
+    assert!(reader.next_event().is_none());
 }
