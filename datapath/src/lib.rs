@@ -4,6 +4,11 @@
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-deny"));
 
+/// The published benchmark's plain tc LPM filter, for side-by-side benchmarks only.
+#[cfg(feature = "reference")]
+pub static REFERENCE_LPM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reference-lpm"));
+
 pub mod attach;
 pub mod counters;
 pub mod error;

@@ -576,3 +576,30 @@ fn deny_events_name_the_rule_and_are_rate_limited() {
     assert_eq!(event.rule, Some("2001:db8::/32".parse().unwrap()));
     assert!(reader.next_event().is_none());
 }
+
+/// The benchmark anchor (the published benchmark's plain LPM filter) loads and decides.
+#[test]
+fn reference_lpm_program_loads_and_drops_hits() {
+    use aya::{EbpfLoader, maps::lpm_trie::LpmTrie};
+    require_root();
+    let mut ebpf = EbpfLoader::new()
+        .load(egress_deny_datapath::REFERENCE_LPM_OBJECT)
+        .unwrap();
+    let mut trie: LpmTrie<_, [u8; 4], u32> =
+        LpmTrie::try_from(ebpf.map_mut("ref_v4").unwrap()).unwrap();
+    trie.insert(&aya::maps::lpm_trie::Key::new(24, [203, 0, 113, 0]), 1, 0)
+        .unwrap();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("reference_lpm")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let run = |packet: Vec<u8>| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&packet);
+        prog.test_run(opts).unwrap().return_value
+    };
+    assert_eq!(run(eth_v4("203.0.113.9")), TC_ACT_SHOT);
+    assert_eq!(run(eth_v4("192.0.2.1")), 0, "TC_ACT_OK on a miss");
+}
