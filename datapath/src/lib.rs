@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod iface;
 pub mod loader;
+pub mod netlink;
 pub mod netns;
 pub mod paths;
 pub mod records;

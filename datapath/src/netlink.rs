@@ -1,0 +1,259 @@
+//! The two rtnetlink queries aya does not offer: a link's kind and peer (to find a
+//! pod's host-side veth from inside the pod's namespace) and the program IDs of cls_bpf
+//! filters on an interface (to CHECK netlink-mode attachments). A socket belongs to the
+//! namespace of the thread that created it.
+use std::{io, mem::size_of};
+
+use crate::{
+    attach::Hook,
+    error::{Error, Result},
+};
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETTFILTER: u16 = 46;
+const RTM_NEWTFILTER: u16 = 44;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_ID: u16 = 11;
+const TC_H_CLSACT: u32 = 0xffff_fff1;
+const TC_H_MIN_INGRESS: u32 = 0xfff2;
+const TC_H_MIN_EGRESS: u32 = 0xfff3;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// What rtnetlink says about one interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkDetails {
+    pub ifindex: u32,
+    /// `IFLA_INFO_KIND`: "veth", "bridge", … (`None` for physical devices).
+    pub kind: Option<String>,
+    /// `IFLA_LINK`: for a veth, its peer's ifindex (in the peer's namespace).
+    pub link: Option<u32>,
+    /// `IFLA_LINK_NETNSID`: set when the peer lives in another namespace.
+    pub link_netnsid: Option<i32>,
+}
+
+/// Looks `ifname` up in the current thread's network namespace.
+pub fn link_details(ifname: &str) -> Result<LinkDetails> {
+    let mut req = Vec::with_capacity(64);
+    // struct ifinfomsg { family u8, pad u8, type u16, index i32, flags u32, change u32 }
+    req.extend_from_slice(&[0u8; 16]);
+    push_attr(&mut req, IFLA_IFNAME, &nul_terminated(ifname));
+    let replies = request(RTM_GETLINK, NLM_F_REQUEST, &req).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            Error::NoSuchInterface(ifname.to_owned())
+        } else {
+            Error::io(format!("RTM_GETLINK {ifname}"), e)
+        }
+    })?;
+    let msg = replies
+        .iter()
+        .find(|(ty, _)| *ty == RTM_NEWLINK)
+        .ok_or_else(|| Error::NoSuchInterface(ifname.to_owned()))?;
+    let body = &msg.1;
+    if body.len() < 16 {
+        return Err(Error::Invalid("short RTM_NEWLINK".into()));
+    }
+    let mut details = LinkDetails {
+        ifindex: i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32,
+        ..Default::default()
+    };
+    for (ty, value) in attrs(&body[16..]) {
+        match ty {
+            IFLA_LINK if value.len() >= 4 => {
+                details.link = Some(u32::from_ne_bytes(value[..4].try_into().unwrap()))
+            }
+            IFLA_LINK_NETNSID if value.len() >= 4 => {
+                details.link_netnsid = Some(i32::from_ne_bytes(value[..4].try_into().unwrap()))
+            }
+            IFLA_LINKINFO => {
+                for (inner_ty, inner) in attrs(value) {
+                    if inner_ty == IFLA_INFO_KIND {
+                        let kind = inner.split(|b| *b == 0).next().unwrap_or_default();
+                        details.kind = Some(String::from_utf8_lossy(kind).into_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(details)
+}
+
+/// Program IDs of the cls_bpf filters on `ifindex`'s clsact hook, with their priority.
+pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)>> {
+    let minor = match hook {
+        Hook::Ingress => TC_H_MIN_INGRESS,
+        Hook::Egress => TC_H_MIN_EGRESS,
+    };
+    let parent = (TC_H_CLSACT & 0xffff_0000) | (minor & 0x0000_ffff);
+    // struct tcmsg { family u8, pad u8, pad u16, ifindex i32, handle u32, parent u32, info u32 }
+    let mut req = vec![0u8; 20];
+    req[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    req[12..16].copy_from_slice(&parent.to_ne_bytes());
+    let replies = match request(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, &req) {
+        Ok(replies) => replies,
+        // No clsact qdisc (or no such device): no filters.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(Error::io(format!("RTM_GETTFILTER ifindex {ifindex}"), e)),
+    };
+    let mut out = Vec::new();
+    for (ty, body) in replies {
+        if ty != RTM_NEWTFILTER || body.len() < 20 {
+            continue;
+        }
+        let info = u32::from_ne_bytes(body[16..20].try_into().unwrap());
+        let priority = (info >> 16) as u16;
+        let mut is_bpf = false;
+        let mut id = None;
+        for (attr_ty, value) in attrs(&body[20..]) {
+            match attr_ty {
+                TCA_KIND => is_bpf = value.starts_with(b"bpf"),
+                TCA_OPTIONS => {
+                    for (opt_ty, opt) in attrs(value) {
+                        if opt_ty == TCA_BPF_ID && opt.len() >= 4 {
+                            id = Some(u32::from_ne_bytes(opt[..4].try_into().unwrap()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let (true, Some(id)) = (is_bpf, id) {
+            out.push((priority, id));
+        }
+    }
+    Ok(out)
+}
+
+fn nul_terminated(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn push_attr(buf: &mut Vec<u8>, ty: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len() + (align4(len) - len), 0);
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Iterates over netlink attributes (type with flag bits masked off, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let value = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, value))
+    })
+}
+
+/// Sends one request and collects the reply messages (type, payload) until the answer
+/// is complete. Kernel errors come back as io::Error with the errno.
+fn request(msg_type: u16, flags: u16, payload: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    // SAFETY: plain socket(2); wrapped in OwnedFd right away.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let fd_raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+
+    let total = NLMSG_HDRLEN + payload.len();
+    let mut msg = Vec::with_capacity(total);
+    msg.extend_from_slice(&(total as u32).to_ne_bytes());
+    msg.extend_from_slice(&msg_type.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port: kernel assigns
+    msg.extend_from_slice(payload);
+    // SAFETY: sockaddr_nl zeroed = the kernel as destination.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and addr outlive the call.
+    let sent = unsafe {
+        libc::sendto(
+            fd_raw,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(fd_raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut chunk = &buf[..n as usize];
+        while chunk.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(chunk[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([chunk[4], chunk[5]]);
+            if len < NLMSG_HDRLEN || len > chunk.len() {
+                break;
+            }
+            let body = &chunk[NLMSG_HDRLEN..len];
+            match ty {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap_or([0; 4]));
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    return Ok(out); // ACK
+                }
+                _ => out.push((ty, body.to_vec())),
+            }
+            chunk = &chunk[align4(len).min(chunk.len())..];
+        }
+        if !dump && !out.is_empty() {
+            return Ok(out);
+        }
+    }
+}
