@@ -1,6 +1,8 @@
 //! Fixtures for privileged tests: private bpffs pin dirs, network namespaces and veths
 //! with random names, all removed by guards that run even when a test fails.
+pub mod cni;
 pub mod packet;
+pub mod probe;
 
 use std::{
     path::{Path, PathBuf},

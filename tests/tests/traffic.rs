@@ -2,7 +2,6 @@
 //! (where a pod's packets enter the host) drops UDP and ICMP to denied destinations,
 //! lets the rest through, and follows map updates without being re-attached.
 use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
     time::{Duration, Instant},
 };
@@ -16,7 +15,11 @@ use egress_deny_datapath::{
     netns::NetnsGuard,
     rules::{Action, RuleMaps},
 };
-use egress_deny_tests::{Netns, PinDir, require_root};
+use egress_deny_tests::{
+    Netns, PinDir,
+    probe::{self, bind_in, udp_through},
+    require_root,
+};
 
 const DENIED_V4: &str = "198.51.100.7";
 const ALLOWED_V4: &str = "192.0.2.10";
@@ -62,48 +65,12 @@ fn topology() -> Result<Topology> {
     })
 }
 
-fn bind_in(ns: &Netns, addr: &str) -> Result<UdpSocket> {
-    let _guard = NetnsGuard::enter(&ns.path())?;
-    // A socket belongs to the namespace it was created in, also after we leave it.
-    let socket = UdpSocket::bind(addr)?;
-    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    Ok(socket)
-}
-
-/// Sends `count` datagrams to `denied` then one marker to `marker` (an allowed address of
-/// the same receiver). The veth delivers in order, so once the marker is in, anything
-/// not dropped would be in too: returns how many of the `denied` datagrams arrived.
-fn datagrams_through(topo: &Topology, denied: &str, marker: &str, count: usize) -> Result<usize> {
-    let v6 = denied.contains(':');
-    let receiver = bind_in(&topo.host, if v6 { "[::]:9999" } else { "0.0.0.0:9999" })?;
-    let sender = bind_in(&topo.pod, if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
-    let denied_addr = SocketAddr::new(denied.parse::<IpAddr>()?, UDP_PORT);
-    let marker_addr = SocketAddr::new(marker.parse::<IpAddr>()?, UDP_PORT);
-    for i in 0..count {
-        sender.send_to(format!("probe {i}").as_bytes(), denied_addr)?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut through = 0;
-    let mut buf = [0u8; 64];
-    loop {
-        // Re-send the marker until it arrives (the first packets may wait for neighbour
-        // resolution); arrival order on the veth is preserved.
-        sender.send_to(b"marker", marker_addr)?;
-        while let Ok(n) = receiver.recv(&mut buf) {
-            if &buf[..n] == b"marker" {
-                return Ok(through);
-            }
-            through += 1;
-        }
-        if Instant::now() > deadline {
-            bail!("marker to {marker} never arrived");
-        }
-    }
+fn datagrams_through(topo: &Topology, target: &str, marker: &str, count: usize) -> Result<usize> {
+    udp_through(&topo.pod, &topo.host, target, marker, count)
 }
 
 fn ping(topo: &Topology, dst: &str) -> bool {
-    let args = ["-c", "2", "-i", "0.2", "-W", "1", dst];
-    topo.pod.exec("ping", &args).is_ok()
+    probe::ping(&topo.pod, dst)
 }
 
 fn attach_host_side(

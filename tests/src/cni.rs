@@ -1,0 +1,306 @@
+//! A CNI "node" for tests: a network namespace acting as the host, where a real CNI
+//! runtime (the libcni driver in tests/cni-driver) runs real conflists — reference
+//! bridge/ptp + host-local from containernetworking-plugins, then egress-deny — and a
+//! "server" namespace behind it that answers on a denied and an allowed address.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{Netns, PinDir, binary, random_suffix};
+
+pub const DENIED: &str = "198.51.100.7";
+pub const ALLOWED: &str = "192.0.2.10";
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// Builds the libcni driver once per test binary (offline: Debian's Go sources).
+pub fn driver() -> &'static Path {
+    static DRIVER: OnceLock<PathBuf> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-driver/main.go");
+        let out_dir = binary_dir().join("cni-driver");
+        std::fs::create_dir_all(&out_dir).expect("driver dir");
+        let tmp = out_dir.join(format!("cni-driver.{}", std::process::id()));
+        let out = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&tmp)
+            .arg(&source)
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GO111MODULE", "off")
+            .env("GOCACHE", out_dir.join("gocache"))
+            .output()
+            .expect("running go build (tests/setup.sh installs golang-go)");
+        assert!(
+            out.status.success(),
+            "building the libcni driver: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = out_dir.join("cni-driver");
+        std::fs::rename(&tmp, &path).expect("install driver");
+        path
+    })
+}
+
+fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Primary {
+    Bridge,
+    Ptp,
+}
+
+/// A CNI error as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniFailure {
+    pub code: u64,
+    pub msg: String,
+}
+
+impl std::fmt::Display for CniFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CNI error {}: {}", self.code, self.msg)
+    }
+}
+
+pub struct CniNode {
+    pub node: Netns,
+    pub server: Netns,
+    pub pins: PinDir,
+    pub dir: tempfile::TempDir,
+}
+
+impl CniNode {
+    pub fn new() -> Result<Self> {
+        let node = Netns::new("edn")?;
+        let server = Netns::new("eds")?;
+        let pins = PinDir::new()?;
+        let dir = tempfile::Builder::new()
+            .prefix("egress-deny-cni-")
+            .tempdir()?;
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        node.ip(&format!(
+            "link add up0 type veth peer name eth0 netns {}",
+            server.name
+        ))?;
+        node.ip("addr add 172.30.0.1/24 dev up0")?;
+        node.ip("link set up0 up")?;
+        server.ip("addr add 172.30.0.2/24 dev eth0")?;
+        server.ip("link set eth0 up")?;
+        server.ip(&format!("addr add {DENIED}/32 dev lo"))?;
+        server.ip(&format!("addr add {ALLOWED}/32 dev lo"))?;
+        server.ip("route add 10.244.0.0/16 via 172.30.0.1")?;
+        node.ip("route add 198.51.100.0/24 via 172.30.0.2")?;
+        node.ip("route add 192.0.2.0/24 via 172.30.0.2")?;
+
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin)?;
+        for plugin in ["bridge", "host-local", "ptp", "loopback"] {
+            std::os::unix::fs::symlink(
+                Path::new(REFERENCE_PLUGINS).join(plugin),
+                bin.join(plugin),
+            )?;
+        }
+        std::os::unix::fs::symlink(binary("egress-deny"), bin.join("egress-deny"))?;
+        Ok(Self {
+            node,
+            server,
+            pins,
+            dir,
+        })
+    }
+
+    pub fn bin_dir(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn plugin_log(&self) -> PathBuf {
+        self.dir.path().join("plugin.log")
+    }
+
+    /// Our plugin's conflist entry for this node, plus `extra` keys.
+    pub fn egress_deny_entry(&self, extra: Value) -> Value {
+        let mut entry = json!({
+            "type": "egress-deny",
+            "pinDir": self.pins.root(),
+            "stateDir": self.state_dir(),
+            "log": { "level": "debug", "target": self.plugin_log() },
+        });
+        if let (Some(entry), Value::Object(extra)) = (entry.as_object_mut(), extra) {
+            entry.extend(extra);
+        }
+        entry
+    }
+
+    /// Writes `[primary(host-local), egress-deny]` at `version` and returns its path.
+    pub fn conflist(&self, version: &str, primary: Primary, extra: Value) -> Result<PathBuf> {
+        let ipam = |subnet: &str| {
+            json!({
+                "type": "host-local",
+                "subnet": subnet,
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": self.dir.path().join("ipam"),
+            })
+        };
+        let primary_conf = match primary {
+            Primary::Bridge => json!({
+                "type": "bridge", "bridge": "edbr0", "isGateway": true, "ipMasq": false,
+                "ipam": ipam("10.244.1.0/24"),
+            }),
+            Primary::Ptp => {
+                json!({ "type": "ptp", "ipMasq": false, "ipam": ipam("10.244.2.0/24") })
+            }
+        };
+        let name = format!("test-{}", random_suffix());
+        let list = json!({
+            "cniVersion": version,
+            "name": name,
+            "plugins": [primary_conf, self.egress_deny_entry(extra)],
+        });
+        let path = self.dir.path().join(format!("{name}.conflist"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&list)?)?;
+        Ok(path)
+    }
+
+    /// Runs the libcni driver inside the node namespace. `nsenter --net` rather than
+    /// `ip netns exec`: the latter remounts /sys, hiding the bpffs at /sys/fs/bpf, which
+    /// a real runtime (host mount namespace) sees.
+    pub fn runtime(
+        &self,
+        command: &str,
+        conflist: &Path,
+        container_id: &str,
+        netns: &Path,
+        args: &str,
+    ) -> Result<Result<String, CniFailure>> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.path().display()))
+            .arg(driver())
+            .arg(command)
+            .arg(conflist)
+            .arg(container_id)
+            .arg(netns)
+            .arg("eth0")
+            // Runtimes add IgnoreUnknown so that plugins without K8S_* args accept them.
+            .arg(if args.is_empty() {
+                String::new()
+            } else {
+                format!("IgnoreUnknown=1;{args}")
+            })
+            .env("CNI_PATH", self.bin_dir())
+            .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
+            .output()
+            .context("running the CNI driver")?;
+        if out.status.success() {
+            return Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let parsed: Option<Value> = stderr
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok());
+        match parsed {
+            Some(err) => Ok(Err(CniFailure {
+                code: err.get("code").and_then(Value::as_u64).unwrap_or(0),
+                msg: format!(
+                    "{} {}",
+                    err.get("msg").and_then(Value::as_str).unwrap_or_default(),
+                    err.get("details")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                ),
+            })),
+            None => bail!("CNI driver failed without an error result: {stderr}"),
+        }
+    }
+
+    /// A new pod namespace (not yet added).
+    pub fn pod(&self) -> Result<Pod<'_>> {
+        Ok(Pod {
+            node: self,
+            ns: Some(Netns::new("edp")?),
+            container_id: format!("ctr-{}", random_suffix()),
+        })
+    }
+}
+
+pub struct Pod<'a> {
+    pub node: &'a CniNode,
+    /// `None` once the namespace was deleted (to test DEL after the netns is gone).
+    pub ns: Option<Netns>,
+    pub container_id: String,
+}
+
+impl Pod<'_> {
+    pub fn ns(&self) -> &Netns {
+        self.ns.as_ref().expect("pod namespace was deleted")
+    }
+
+    fn netns_path(&self) -> PathBuf {
+        match &self.ns {
+            Some(ns) => ns.path(),
+            None => PathBuf::from(format!("/var/run/netns/deleted-{}", self.container_id)),
+        }
+    }
+
+    pub fn add(&self, conflist: &Path, args: &str) -> Result<Result<Value, CniFailure>> {
+        Ok(self
+            .node
+            .runtime(
+                "add",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                args,
+            )?
+            .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
+    }
+
+    pub fn check(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
+        Ok(self
+            .node
+            .runtime(
+                "check",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                args,
+            )?
+            .map(|_| ()))
+    }
+
+    pub fn del(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
+        Ok(self
+            .node
+            .runtime(
+                "del",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                args,
+            )?
+            .map(|_| ()))
+    }
+
+    /// Host-side veth name from the attachment record the plugin wrote.
+    pub fn record(&self) -> Result<egress_deny_datapath::records::AttachmentRecord> {
+        let state = egress_deny_datapath::paths::StateLayout::new(self.node.state_dir());
+        let path = state.attachment_record(&self.container_id, "eth0");
+        Ok(egress_deny_datapath::records::AttachmentRecord::read(
+            &path,
+        )?)
+    }
+}
