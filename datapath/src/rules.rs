@@ -139,6 +139,64 @@ impl RuleMaps {
         })
     }
 
+    /// Inserts an IPv4 entry given as network-order octets (already truncated): the
+    /// installer's bulk path, without building an `IpNet` per rule.
+    pub fn insert_v4(&mut self, octets: [u8; 4], prefix_len: u8, action: Action) -> Result<()> {
+        self.v4
+            .insert(
+                &Key::new(u32::from(prefix_len), octets),
+                action.value(prefix_len),
+                0,
+            )
+            .map_err(|e| {
+                Error::map(
+                    format!("inserting {}/{prefix_len}", Ipv4Addr::from(octets)),
+                    e,
+                )
+            })
+    }
+
+    pub fn insert_v6(&mut self, octets: [u8; 16], prefix_len: u8, action: Action) -> Result<()> {
+        self.v6
+            .insert(
+                &Key::new(u32::from(prefix_len), octets),
+                action.value(prefix_len),
+                0,
+            )
+            .map_err(|e| {
+                Error::map(
+                    format!("inserting {}/{prefix_len}", Ipv6Addr::from(octets)),
+                    e,
+                )
+            })
+    }
+
+    /// Removes an exact IPv4 entry; absent is fine.
+    pub fn remove_v4(&mut self, octets: [u8; 4], prefix_len: u8) -> Result<()> {
+        absent_is_ok(self.v4.remove(&Key::new(u32::from(prefix_len), octets)))
+    }
+
+    pub fn remove_v6(&mut self, octets: [u8; 16], prefix_len: u8) -> Result<()> {
+        absent_is_ok(self.v6.remove(&Key::new(u32::from(prefix_len), octets)))
+    }
+
+    /// Walks the IPv4 trie without materialising `IpNet`s (millions of entries).
+    pub fn for_each_v4(&self, mut f: impl FnMut([u8; 4], u8, Action)) -> Result<()> {
+        for item in self.v4.iter() {
+            let (key, value) = item.map_err(|e| Error::map("walking v4_rules", e))?;
+            f(key.data(), key.prefix_len() as u8, Action::of(&value));
+        }
+        Ok(())
+    }
+
+    pub fn for_each_v6(&self, mut f: impl FnMut([u8; 16], u8, Action)) -> Result<()> {
+        for item in self.v6.iter() {
+            let (key, value) = item.map_err(|e| Error::map("walking v6_rules", e))?;
+            f(key.data(), key.prefix_len() as u8, Action::of(&value));
+        }
+        Ok(())
+    }
+
     /// Every entry of both tries (a full walk: O(n) syscalls).
     pub fn entries(&self) -> Result<Vec<(IpNet, Action)>> {
         let mut out = Vec::new();
@@ -164,6 +222,14 @@ fn v4_key(net: &Ipv4Net) -> Key<[u8; 4]> {
 
 fn v6_key(net: &Ipv6Net) -> Key<[u8; 16]> {
     Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+fn absent_is_ok(res: std::result::Result<(), MapError>) -> Result<()> {
+    match res {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(Error::map("removing a rule", e)),
+    }
 }
 
 fn not_found_is_none(res: std::result::Result<RuleValue, MapError>) -> Result<Option<RuleValue>> {

@@ -1,0 +1,97 @@
+//! Command line: every flag also reads an EGRESS_DENY_* environment variable.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use egress_deny_datapath::paths::{DEFAULT_PIN_DIR, DEFAULT_STATE_DIR};
+use ipnet::IpNet;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "egress-deny-installer",
+    version,
+    about = "Node-wide egress deny list: installs the egress-deny CNI plugin, owns its eBPF program and maps, syncs the rules"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the per-node daemon (DaemonSet).
+    Run(RunArgs),
+    /// Remove the conflist entry, detach everything, unpin, remove the plugin binary.
+    Uninstall(UninstallArgs),
+    /// Rules per family, attachments, last sync.
+    Status(StateArgs),
+    /// How the live maps decide each address.
+    Lookup(LookupArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    #[arg(long, env = "EGRESS_DENY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Attachment records (written by the plugin) and the daemon's sync status.
+    #[arg(long, env = "EGRESS_DENY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CniDirs {
+    #[arg(
+        long,
+        env = "EGRESS_DENY_CNI_CONF_DIR",
+        default_value = "/etc/cni/net.d"
+    )]
+    pub cni_conf_dir: PathBuf,
+    #[arg(long, env = "EGRESS_DENY_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub cni: CniDirs,
+    #[arg(
+        long,
+        env = "EGRESS_DENY_RULES_DIR",
+        default_value = "/etc/egress-deny/rules"
+    )]
+    pub rules_dir: PathBuf,
+    /// `auto` (interfaces of the default routes), `none`, or a comma list.
+    #[arg(long, env = "EGRESS_DENY_HOST_INTERFACES", default_value = "auto")]
+    pub host_interfaces: String,
+    /// CIDRs that must stay reachable whatever the rules say.
+    #[arg(long, env = "EGRESS_DENY_PROTECT", value_delimiter = ',')]
+    pub protect: Vec<IpNet>,
+    /// The plugin binary to install (default: egress-deny next to this executable).
+    #[arg(long, env = "EGRESS_DENY_PLUGIN_BINARY")]
+    pub plugin_binary: Option<PathBuf>,
+    #[arg(long, env = "EGRESS_DENY_LISTEN", default_value = "0.0.0.0:9765")]
+    pub listen: SocketAddr,
+    /// Namespaces whose pods are not filtered (written into the conflist entry).
+    #[arg(long, env = "EGRESS_DENY_EXCLUDE_NAMESPACES", value_delimiter = ',')]
+    pub exclude_namespaces: Vec<String>,
+    /// Deny events logged per second per attachment and CPU (0: off).
+    #[arg(long, env = "EGRESS_DENY_DENY_EVENTS_PER_SECOND", default_value_t = 5)]
+    pub deny_events_per_second: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub cni: CniDirs,
+}
+
+#[derive(Args, Debug)]
+pub struct LookupArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[arg(required = true)]
+    pub addresses: Vec<std::net::IpAddr>,
+}

@@ -1,0 +1,244 @@
+//! The daemon's sync status (persisted in the state dir, atomically) and the `status`
+//! and `lookup` subcommands, which read the live pinned state.
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use egress_deny_datapath::{
+    attach,
+    counters::CounterMap,
+    paths::{PinLayout, StateLayout, host_link_ifname},
+    records::{AttachmentRecord, write_atomically},
+    rules::RuleMaps,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{LookupArgs, StateArgs};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleCounts {
+    pub v4_deny: usize,
+    pub v4_allow: usize,
+    pub v6_deny: usize,
+    pub v6_allow: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncStatus {
+    /// Unix seconds of the last sync attempt.
+    pub time: u64,
+    pub duration_ms: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Rules enforced after it (the previous set when it failed).
+    pub rules: RuleCounts,
+    pub operations: usize,
+    pub files: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncStatus>,
+    /// Unix seconds of the last successful sync.
+    #[serde(default)]
+    pub last_success: u64,
+    #[serde(default)]
+    pub sync_errors_total: u64,
+    #[serde(default)]
+    pub host_interfaces: Vec<String>,
+    #[serde(default)]
+    pub conflist: Option<String>,
+}
+
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+impl DaemonStatus {
+    pub fn save(&self, state_dir: &Path) {
+        let json = serde_json::to_vec_pretty(self).expect("serializable");
+        if let Err(e) = write_atomically(&status_path(state_dir), &json) {
+            log::warn!("saving status: {e}");
+        }
+    }
+
+    pub fn load(state_dir: &Path) -> Option<Self> {
+        let bytes = std::fs::read(status_path(state_dir)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One live attachment, as `status` and `/metrics` show it.
+#[derive(Clone, Debug)]
+pub struct LiveAttachment {
+    pub kind: &'static str,
+    pub ifname: String,
+    pub ifindex: u32,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub container_id: Option<String>,
+}
+
+pub fn attachments(layout: &PinLayout, state: &StateLayout) -> Vec<LiveAttachment> {
+    let mut out = Vec::new();
+    for (_, r) in AttachmentRecord::list(state).unwrap_or_default() {
+        out.push(LiveAttachment {
+            kind: "pod",
+            ifname: r.host_ifname,
+            ifindex: r.host_ifindex,
+            pod_namespace: r.pod_namespace,
+            pod_name: r.pod_name,
+            container_id: Some(r.container_id),
+        });
+    }
+    if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = host_link_ifname(&name) else {
+                continue;
+            };
+            let ifindex = attach::pinned_link_state(&entry.path())
+                .ok()
+                .flatten()
+                .map(|s| s.ifindex)
+                .unwrap_or(0);
+            out.push(LiveAttachment {
+                kind: "host",
+                ifname,
+                ifindex,
+                pod_namespace: None,
+                pod_name: None,
+                container_id: None,
+            });
+        }
+    }
+    out
+}
+
+pub fn run_status(args: &StateArgs) -> Result<()> {
+    let layout = PinLayout::new(&args.pin_dir);
+    let state = StateLayout::new(&args.state_dir);
+    let mut out = String::new();
+    let installed = layout
+        .program(egress_deny_datapath::paths::ProgramKind::Ethernet)
+        .exists();
+    writeln!(
+        out,
+        "pin dir: {} ({})",
+        layout.root().display(),
+        if installed {
+            "installed"
+        } else {
+            "NOT installed"
+        }
+    )?;
+    match DaemonStatus::load(&args.state_dir) {
+        Some(status) => {
+            if let Some(sync) = &status.last_sync {
+                let r = &sync.rules;
+                writeln!(
+                    out,
+                    "rules: IPv4 {} deny, {} allow; IPv6 {} deny, {} allow",
+                    r.v4_deny, r.v4_allow, r.v6_deny, r.v6_allow
+                )?;
+                writeln!(
+                    out,
+                    "last sync: {} ({}s ago), {} ms, {} map operations, {}",
+                    sync.time,
+                    now().saturating_sub(sync.time),
+                    sync.duration_ms,
+                    sync.operations,
+                    if sync.ok {
+                        "ok".to_owned()
+                    } else {
+                        format!("FAILED: {}", sync.error.clone().unwrap_or_default())
+                    }
+                )?;
+            }
+            writeln!(out, "sync errors: {}", status.sync_errors_total)?;
+            if let Some(conflist) = &status.conflist {
+                writeln!(out, "conflist: {conflist}")?;
+            }
+        }
+        None => writeln!(
+            out,
+            "last sync: never (is the daemon running with --state-dir {}?)",
+            args.state_dir.display()
+        )?,
+    }
+    let counters = CounterMap::open(&layout).ok();
+    let live = attachments(&layout, &state);
+    writeln!(out, "attachments: {}", live.len())?;
+    for a in live {
+        let c = counters
+            .as_ref()
+            .and_then(|m| m.get(a.ifindex).ok())
+            .unwrap_or_default();
+        let who = match (&a.pod_namespace, &a.pod_name) {
+            (Some(ns), Some(name)) => format!(" pod {ns}/{name}"),
+            _ => a
+                .container_id
+                .map(|c| format!(" container {c}"))
+                .unwrap_or_default(),
+        };
+        writeln!(
+            out,
+            "  {} {} (ifindex {}){who}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes",
+            a.kind,
+            a.ifname,
+            a.ifindex,
+            c.denied_packets,
+            c.denied_bytes,
+            c.allowed_packets,
+            c.allowed_bytes
+        )?;
+    }
+    print!("{out}");
+    Ok(())
+}
+
+pub fn run_lookup(args: &LookupArgs) -> Result<()> {
+    let layout = PinLayout::new(&args.state.pin_dir);
+    let maps = RuleMaps::open(&layout).context("opening the rule maps")?;
+    let state = StateLayout::new(&args.state.state_dir);
+    let live = attachments(&layout, &state);
+    let counters = CounterMap::open(&layout).ok();
+    for addr in &args.addresses {
+        let d = maps.lookup(*addr)?;
+        let prefix = d
+            .prefix
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("{addr} {} {prefix}", d.action.as_str());
+        if d.action == egress_deny_datapath::rules::Action::Deny {
+            println!("  dropped by every attachment ({}):", live.len());
+            for a in &live {
+                let c = counters
+                    .as_ref()
+                    .and_then(|m| m.get(a.ifindex).ok())
+                    .unwrap_or_default();
+                let who = match (&a.pod_namespace, &a.pod_name) {
+                    (Some(ns), Some(name)) => format!("pod {ns}/{name} via {}", a.ifname),
+                    _ => format!("{} {}", a.kind, a.ifname),
+                };
+                println!("    {who}: denied {} packets so far", c.denied_packets);
+            }
+        }
+    }
+    Ok(())
+}
