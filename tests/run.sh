@@ -22,4 +22,12 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (binaries the integration tests execute)"
 cargo build --workspace --bins --quiet 2>&1 | quiet_aya_build
 echo "== cargo test"
-cargo test --workspace --no-fail-fast "$@" 2>&1 | quiet_aya_build
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast "$@" 2>&1 | quiet_aya_build | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary, the last of
+# which is often an empty doc-test run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log" | sed 's/;//g'
+exit "$status"

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{Array, Map, MapData, MapError, RingBuf};
-use egress_deny_common::{DatapathConfig, DenyEvent, FAMILY_V4, FAMILY_V6};
+use egress_deny_common::{CONFIG_RULES_LOADED, DatapathConfig, DenyEvent, FAMILY_V4, FAMILY_V6};
 use ipnet::IpNet;
 
 use crate::{
@@ -19,28 +19,41 @@ fn open_pinned(layout: &PinLayout, name: &str) -> Result<MapData> {
     })
 }
 
-/// Sets the deny-event budget (events per second per attachment and CPU; 0 = off).
-pub fn set_events_per_second(layout: &PinLayout, per_second: u32) -> Result<()> {
-    let mut config: Array<MapData, DatapathConfig> =
+fn read_config(layout: &PinLayout) -> Result<(Array<MapData, DatapathConfig>, DatapathConfig)> {
+    let config: Array<MapData, DatapathConfig> =
         Array::try_from(Map::Array(open_pinned(layout, CONFIG_MAP)?))
             .map_err(|e| Error::map("config map", e))?;
-    let value = DatapathConfig {
-        events_per_second: per_second,
-        _pad: 0,
-    };
+    let value = config
+        .get(&0, 0)
+        .map_err(|e| Error::map("reading datapath config", e))?;
+    Ok((config, value))
+}
+
+fn update_config(layout: &PinLayout, change: impl FnOnce(&mut DatapathConfig)) -> Result<()> {
+    let (mut config, mut value) = read_config(layout)?;
+    change(&mut value);
     config
         .set(0, value, 0)
         .map_err(|e| Error::map("writing datapath config", e))
 }
 
+/// Sets the deny-event budget (events per second per attachment and CPU; 0 = off).
+pub fn set_events_per_second(layout: &PinLayout, per_second: u32) -> Result<()> {
+    update_config(layout, |c| c.events_per_second = per_second)
+}
+
 pub fn events_per_second(layout: &PinLayout) -> Result<u32> {
-    let config: Array<MapData, DatapathConfig> =
-        Array::try_from(Map::Array(open_pinned(layout, CONFIG_MAP)?))
-            .map_err(|e| Error::map("config map", e))?;
-    Ok(config
-        .get(&0, 0)
-        .map_err(|e| Error::map("reading datapath config", e))?
-        .events_per_second)
+    Ok(read_config(layout)?.1.events_per_second)
+}
+
+/// Records that a valid rule set is enforced in these maps (persists with them).
+pub fn mark_rules_loaded(layout: &PinLayout) -> Result<()> {
+    update_config(layout, |c| c.flags |= CONFIG_RULES_LOADED)
+}
+
+/// Whether the installer has enforced a valid rule set in the pinned maps.
+pub fn rules_loaded(layout: &PinLayout) -> Result<bool> {
+    Ok(read_config(layout)?.1.flags & CONFIG_RULES_LOADED != 0)
 }
 
 /// A decoded deny event.

@@ -223,6 +223,9 @@ fn sync_rules(args: &RunArgs, syncer: &mut Syncer, shared: &Shared) {
             );
             status.last_success = now();
             shared.synced_once.store(true, Ordering::Relaxed);
+            if let Err(e) = events::mark_rules_loaded(&shared.layout) {
+                log::error!("marking the rules loaded: {e}");
+            }
             (true, None, ops, files)
         }
         Err(e) => {
@@ -389,20 +392,17 @@ fn watch(rules_dir: &Path, conf_dir: &Path, tx: Sender<Event>) -> Result<()> {
         .watches()
         .add(conf_dir, mask)
         .context("watching the CNI conf dir")?;
-    // The rules directory may not exist yet: watch its parent too, to see it appear.
+    // The rules directory may not exist yet: watch its parent too, to see it appear
+    // (only events naming the rules directory count there).
     let rules_parent = rules_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let mut rules_wds = Vec::new();
-    for dir in [rules_dir, rules_parent.as_path()] {
-        if let Ok(wd) = inotify.watches().add(dir, mask) {
-            rules_wds.push(wd);
-        }
-    }
+    let rules_name = rules_dir.file_name().map(|n| n.to_os_string());
+    let parent_wd = inotify.watches().add(&rules_parent, mask).ok();
+    let mut rules_wd = inotify.watches().add(rules_dir, mask).ok();
     let rules_dir = rules_dir.to_path_buf();
     thread::Builder::new()
         .name("inotify".into())
         .spawn(move || {
             let mut buffer = [0u8; 16 * 1024];
-            let mut rules_watched = rules_dir.exists();
             loop {
                 let events = match inotify.read_events_blocking(&mut buffer) {
                     Ok(events) => events,
@@ -415,17 +415,18 @@ fn watch(rules_dir: &Path, conf_dir: &Path, tx: Sender<Event>) -> Result<()> {
                 for event in events {
                     if event.wd == conf_wd {
                         conf = true;
-                    } else if rules_wds.contains(&event.wd) {
+                    } else if Some(&event.wd) == rules_wd.as_ref()
+                        || (Some(&event.wd) == parent_wd.as_ref()
+                            && event.name.map(|n| n.to_os_string()) == rules_name)
+                    {
                         rules = true;
                     }
                 }
-                if rules
-                    && !rules_watched
-                    && rules_dir.exists()
-                    && let Ok(wd) = inotify.watches().add(&rules_dir, mask)
-                {
-                    rules_wds.push(wd);
-                    rules_watched = true;
+                if rules {
+                    // (Re)watch the directory itself once it exists (again).
+                    if let Ok(wd) = inotify.watches().add(&rules_dir, mask) {
+                        rules_wd = Some(wd);
+                    }
                 }
                 if (rules && tx.send(Event::Rules).is_err())
                     || (conf && tx.send(Event::Conf).is_err())

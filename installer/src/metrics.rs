@@ -49,8 +49,12 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
             return Err(format!("map {map} is not pinned"));
         }
     }
-    if !shared.synced_once.load(Ordering::Relaxed) {
-        return Err("rules not synced yet".into());
+    // A valid rule set enforced in the pinned maps: synced by this daemon, or by a
+    // previous one whose rules are still in force while the current files are rejected.
+    if !shared.synced_once.load(Ordering::Relaxed)
+        && !egress_deny_datapath::events::rules_loaded(&shared.layout).unwrap_or(false)
+    {
+        return Err("no valid rule set loaded yet".into());
     }
     if !conflist::present(&shared.conf_dir) {
         return Err(format!(

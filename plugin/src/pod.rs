@@ -2,7 +2,7 @@
 use std::path::Path;
 
 use egress_deny_datapath::{
-    iface, netlink,
+    events, iface, netlink,
     netns::NetnsGuard,
     paths::{ALL_MAPS, PinLayout, ProgramKind},
 };
@@ -87,11 +87,15 @@ pub fn installed(layout: &PinLayout) -> Result<(), String> {
         .map(|k| layout.program(*k))
         .chain(ALL_MAPS.iter().map(|m| layout.map(m)))
         .find(|p| !p.exists());
-    match missing {
-        None => Ok(()),
-        Some(path) => Err(format!(
+    if let Some(path) = missing {
+        return Err(format!(
             "{} is missing (is egress-deny-installer running?)",
             path.display()
-        )),
+        ));
+    }
+    match events::rules_loaded(layout) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the installer has not loaded a valid rule set yet".into()),
+        Err(e) => Err(format!("reading the datapath config: {e}")),
     }
 }

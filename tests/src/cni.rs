@@ -73,6 +73,8 @@ impl std::fmt::Display for CniFailure {
 }
 
 pub struct CniNode {
+    /// Extra plugin directory searched first (an installer's --cni-bin-dir).
+    pub extra_cni_path: std::sync::Mutex<Option<PathBuf>>,
     pub node: Netns,
     pub server: Netns,
     pub pins: PinDir,
@@ -112,11 +114,19 @@ impl CniNode {
         }
         std::os::unix::fs::symlink(binary("egress-deny"), bin.join("egress-deny"))?;
         Ok(Self {
+            extra_cni_path: std::sync::Mutex::new(None),
             node,
             server,
             pins,
             dir,
         })
+    }
+
+    fn cni_path(&self) -> String {
+        match &*self.extra_cni_path.lock().expect("lock") {
+            Some(extra) => format!("{}:{}", extra.display(), REFERENCE_PLUGINS),
+            None => self.bin_dir().display().to_string(),
+        }
     }
 
     pub fn bin_dir(&self) -> PathBuf {
@@ -145,8 +155,8 @@ impl CniNode {
         entry
     }
 
-    /// Writes `[primary(host-local), egress-deny]` at `version` and returns its path.
-    pub fn conflist(&self, version: &str, primary: Primary, extra: Value) -> Result<PathBuf> {
+    /// The primary plugin's configuration (with host-local IPAM).
+    pub fn primary_conf(&self, primary: Primary) -> Value {
         let ipam = |subnet: &str| {
             json!({
                 "type": "host-local",
@@ -155,7 +165,7 @@ impl CniNode {
                 "dataDir": self.dir.path().join("ipam"),
             })
         };
-        let primary_conf = match primary {
+        match primary {
             Primary::Bridge => json!({
                 "type": "bridge", "bridge": "edbr0", "isGateway": true, "ipMasq": false,
                 "ipam": ipam("10.244.1.0/24"),
@@ -163,7 +173,12 @@ impl CniNode {
             Primary::Ptp => {
                 json!({ "type": "ptp", "ipMasq": false, "ipam": ipam("10.244.2.0/24") })
             }
-        };
+        }
+    }
+
+    /// Writes `[primary(host-local), egress-deny]` at `version` and returns its path.
+    pub fn conflist(&self, version: &str, primary: Primary, extra: Value) -> Result<PathBuf> {
+        let primary_conf = self.primary_conf(primary);
         let name = format!("test-{}", random_suffix());
         let list = json!({
             "cniVersion": version,
@@ -200,7 +215,7 @@ impl CniNode {
             } else {
                 format!("IgnoreUnknown=1;{args}")
             })
-            .env("CNI_PATH", self.bin_dir())
+            .env("CNI_PATH", self.cni_path())
             .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
             .output()
             .context("running the CNI driver")?;

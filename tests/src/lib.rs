@@ -1,6 +1,7 @@
 //! Fixtures for privileged tests: private bpffs pin dirs, network namespaces and veths
 //! with random names, all removed by guards that run even when a test fails.
 pub mod cni;
+pub mod installer;
 pub mod packet;
 pub mod probe;
 
@@ -61,6 +62,9 @@ impl PinDir {
         let layout = PinLayout::new(root);
         let guard = Self { layout };
         loader::load_and_pin(&guard.layout).context("load_and_pin")?;
+        // What the installer does after its first successful sync (the plugin waits
+        // for it); tests then manage the rules themselves.
+        egress_deny_datapath::events::mark_rules_loaded(&guard.layout)?;
         Ok(guard)
     }
 

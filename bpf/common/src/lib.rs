@@ -95,8 +95,14 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 pub struct DatapathConfig {
     /// Deny events per second per attachment and CPU; 0 turns events off.
     pub events_per_second: u32,
-    pub _pad: u32,
+    /// `CONFIG_RULES_LOADED`, …: state userspace shares through the pinned map.
+    pub flags: u32,
 }
+
+/// Set by the installer once a valid rule set is enforced in these maps. The plugin
+/// does not attach (pods are retried) before that: an empty map after a node reboot
+/// must not look like "nothing is denied".
+pub const CONFIG_RULES_LOADED: u32 = 1;
 
 /// `DenyEvent::family` for an IP packet whose destination could not be read.
 pub const FAMILY_UNREADABLE: u8 = 0;

@@ -1,0 +1,246 @@
+//! Running the real `egress-deny-installer run` against temp conf/bin/state/rules dirs and
+//! a private pin dir, optionally inside a test "node" namespace.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use egress_deny_datapath::{loader, netns::NetnsGuard, paths::PinLayout};
+
+use crate::{Netns, binary, random_suffix, wait_until};
+
+/// Directories an installer instance works on (the DaemonSet's hostPaths).
+pub struct InstallerDirs {
+    pub root: tempfile::TempDir,
+    pub pin_dir: PathBuf,
+}
+
+impl InstallerDirs {
+    pub fn new() -> Result<Self> {
+        let root = tempfile::Builder::new()
+            .prefix("egress-deny-inst-")
+            .tempdir()?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/egress-deny-inst-{}", random_suffix()));
+        for dir in ["net.d", "bin", "rules", "state"] {
+            std::fs::create_dir_all(root.path().join(dir))?;
+        }
+        Ok(Self { root, pin_dir })
+    }
+
+    pub fn conf_dir(&self) -> PathBuf {
+        self.root.path().join("net.d")
+    }
+    pub fn bin_dir(&self) -> PathBuf {
+        self.root.path().join("bin")
+    }
+    pub fn rules_dir(&self) -> PathBuf {
+        self.root.path().join("rules")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.path().join("state")
+    }
+    pub fn layout(&self) -> PinLayout {
+        PinLayout::new(&self.pin_dir)
+    }
+
+    /// Flags shared by every subcommand.
+    pub fn state_args(&self) -> Vec<String> {
+        vec![
+            format!("--pin-dir={}", self.pin_dir.display()),
+            format!("--state-dir={}", self.state_dir().display()),
+        ]
+    }
+
+    pub fn cni_args(&self) -> Vec<String> {
+        vec![
+            format!("--cni-conf-dir={}", self.conf_dir().display()),
+            format!("--cni-bin-dir={}", self.bin_dir().display()),
+        ]
+    }
+
+    /// Runs a one-shot subcommand (status, lookup, uninstall); returns stdout.
+    pub fn cli(&self, netns: Option<&Netns>, args: &[&str]) -> Result<String> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg(binary("egress-deny-installer"));
+                c
+            }
+            None => Command::new(binary("egress-deny-installer")),
+        };
+        let out = cmd.args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "installer {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a rules file the way kubelet updates a ConfigMap volume: a new
+    /// timestamped directory, then an atomic swap of the `..data` symlink.
+    pub fn publish_rules(&self, files: &[(&str, &[u8])]) -> Result<()> {
+        let dir = self.rules_dir();
+        let stamp = format!("..{}", random_suffix());
+        std::fs::create_dir(dir.join(&stamp))?;
+        for (name, content) in files {
+            std::fs::write(dir.join(&stamp).join(name), content)?;
+            let link = dir.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), &link)?;
+            }
+        }
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&stamp, &tmp)?;
+        let old = std::fs::read_link(dir.join("..data")).ok();
+        std::fs::rename(&tmp, dir.join("..data"))?;
+        if let Some(old) = old {
+            let _ = std::fs::remove_dir_all(dir.join(old));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InstallerDirs {
+    fn drop(&mut self) {
+        let _ = loader::unpin_all(&self.layout());
+    }
+}
+
+/// A running daemon; SIGTERM on drop.
+pub struct Installer {
+    child: Option<Child>,
+    pub port: u16,
+    pub netns: Option<PathBuf>,
+    pub log: PathBuf,
+}
+
+/// A free TCP port on loopback (of the current namespace).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(19765)
+}
+
+impl Installer {
+    /// Starts `run` with the given extra flags; waits until /healthz answers.
+    pub fn start(dirs: &InstallerDirs, netns: Option<&Netns>, extra: &[&str]) -> Result<Self> {
+        let port = free_port();
+        let log = dirs.root.path().join(format!("installer-{port}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg(binary("egress-deny-installer"));
+                c
+            }
+            None => Command::new(binary("egress-deny-installer")),
+        };
+        cmd.arg("run")
+            .args(dirs.state_args())
+            .args(dirs.cni_args())
+            .arg(format!("--rules-dir={}", dirs.rules_dir().display()))
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!(
+                "--plugin-binary={}",
+                binary("egress-deny").display()
+            ))
+            .args(extra)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().context("starting the installer")?;
+        let mut installer = Self {
+            child: Some(child),
+            port,
+            netns: netns.map(Netns::path),
+            log,
+        };
+        wait_until("installer /healthz", Duration::from_secs(30), || {
+            installer
+                .http("/healthz")
+                .is_ok_and(|(code, _)| code == 200)
+        })
+        .inspect_err(|_| eprintln!("installer log:\n{}", installer.log_text()))?;
+        if let Some(Ok(Some(status))) = installer.child.as_mut().map(Child::try_wait) {
+            bail!("installer exited: {status}\n{}", installer.log_text());
+        }
+        Ok(installer)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the daemon's HTTP port (from inside its namespace).
+    pub fn http(&self, path: &str) -> Result<(u16, String)> {
+        let _guard = match &self.netns {
+            Some(ns) => Some(NetnsGuard::enter(ns)?),
+            None => None,
+        };
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        drop(_guard);
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    pub fn wait_ready(&self) -> Result<()> {
+        wait_until("installer /readyz", Duration::from_secs(60), || {
+            self.http("/readyz").is_ok_and(|(code, _)| code == 200)
+        })
+        .inspect_err(|_| eprintln!("installer log:\n{}", self.log_text()))
+    }
+
+    /// SIGTERM and wait; returns how long it took to exit.
+    pub fn stop(mut self) -> Result<Duration> {
+        let mut child = self.child.take().context("already stopped")?;
+        let started = std::time::Instant::now();
+        // SAFETY: signalling our own, not yet reaped, child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("installer exited with {status}\n{}", self.log_text());
+        }
+        Ok(started.elapsed())
+    }
+
+    /// SIGKILL, as when a node's daemon crashes.
+    pub fn kill(mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
