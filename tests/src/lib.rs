@@ -1,5 +1,6 @@
 //! Fixtures for privileged tests: private bpffs pin dirs, network namespaces and veths
 //! with random names, all removed by guards that run even when a test fails.
+pub mod bench;
 pub mod cni;
 pub mod installer;
 pub mod packet;
