@@ -2,7 +2,7 @@
 
 /// The compiled eBPF object (built by build.rs from `bpf/ebpf`).
 pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-deny"));
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-deny-ebpf"));
 
 /// The published benchmark's plain tc LPM filter, for side-by-side benchmarks only.
 #[cfg(feature = "reference")]

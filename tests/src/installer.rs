@@ -225,6 +225,10 @@ impl Installer {
         Ok(started.elapsed())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
     /// SIGKILL, as when a node's daemon crashes.
     pub fn kill(mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
