@@ -52,6 +52,14 @@ if ! command -v bpf-linker >/dev/null 2>&1 || [[ ! -e "$stamp" ]]; then
   touch "$stamp"
 fi
 
+# Manifest validation (offline Kubernetes schemas, security scan) in a private venv.
+VENV=/opt/egress-deny-venv
+if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/checkov ]]; then
+  log "installing kubernetes-validate and checkov into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate checkov >&2
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi

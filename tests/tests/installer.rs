@@ -230,11 +230,16 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
     let mut status_args = vec!["status".to_owned()];
     status_args.extend(dirs.state_args());
     let status_args: Vec<&str> = status_args.iter().map(String::as_str).collect();
-    let status = dirs.cli(None, &status_args)?;
-    assert!(
-        status.contains("rules: IPv4 3 deny, 3 allow; IPv6 1 deny, 0 allow"),
-        "{status}"
-    );
+    // The status file is written right after the maps: poll it too.
+    wait_until(
+        "status to show the new rules",
+        Duration::from_secs(10),
+        || {
+            dirs.cli(None, &status_args)
+                .is_ok_and(|s| s.contains("rules: IPv4 3 deny, 3 allow; IPv6 1 deny, 0 allow"))
+        },
+    )
+    .inspect_err(|_| eprintln!("{:?}", dirs.cli(None, &status_args)))?;
 
     // A bad update is rejected whole, naming file and line; the previous set stays.
     dirs.publish_rules(&[
