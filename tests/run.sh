@@ -21,6 +21,9 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (binaries the integration tests execute)"
 cargo build --workspace --bins --quiet 2>&1 | quiet_aya_build
+echo "== static binaries for the container image (conf/Containerfile)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+  --target x86_64-unknown-linux-gnu -p egress-deny -p egress-deny-installer 2>&1 | quiet_aya_build
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -10,6 +10,7 @@ APT_PKGS=(
   iproute2 iputils-ping iperf3 bpftool clang llvm
   containernetworking-plugins golang-go golang-github-appc-cni-dev
   ipset iptables socat ncat procps psmisc kmod
+  podman runc file curl python3-venv strace
 )
 
 missing=()

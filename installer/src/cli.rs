@@ -64,17 +64,19 @@ pub struct RunArgs {
     /// `auto` (interfaces of the default routes), `none`, or a comma list.
     #[arg(long, env = "EGRESS_DENY_HOST_INTERFACES", default_value = "auto")]
     pub host_interfaces: String,
-    /// CIDRs that must stay reachable whatever the rules say.
-    #[arg(long, env = "EGRESS_DENY_PROTECT", value_delimiter = ',')]
-    pub protect: Vec<IpNet>,
+    /// CIDRs that must stay reachable whatever the rules say (comma-separated; empty:
+    /// none — the DaemonSet sets the variable even when unused).
+    #[arg(long, env = "EGRESS_DENY_PROTECT", default_value = "", value_parser = parse_cidr_list)]
+    pub protect: CidrList,
     /// The plugin binary to install (default: egress-deny next to this executable).
     #[arg(long, env = "EGRESS_DENY_PLUGIN_BINARY")]
     pub plugin_binary: Option<PathBuf>,
     #[arg(long, env = "EGRESS_DENY_LISTEN", default_value = "0.0.0.0:9765")]
     pub listen: SocketAddr,
-    /// Namespaces whose pods are not filtered (written into the conflist entry).
-    #[arg(long, env = "EGRESS_DENY_EXCLUDE_NAMESPACES", value_delimiter = ',')]
-    pub exclude_namespaces: Vec<String>,
+    /// Namespaces whose pods are not filtered (written into the conflist entry;
+    /// comma-separated, empty: none).
+    #[arg(long, env = "EGRESS_DENY_EXCLUDE_NAMESPACES", default_value = "", value_parser = parse_name_list)]
+    pub exclude_namespaces: NameList,
     /// Deny events logged per second per attachment and CPU (0: off).
     #[arg(long, env = "EGRESS_DENY_DENY_EVENTS_PER_SECOND", default_value_t = 5)]
     pub deny_events_per_second: u32,
@@ -94,4 +96,29 @@ pub struct LookupArgs {
     pub state: StateArgs,
     #[arg(required = true)]
     pub addresses: Vec<std::net::IpAddr>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CidrList(pub Vec<IpNet>);
+
+#[derive(Clone, Debug, Default)]
+pub struct NameList(pub Vec<String>);
+
+fn items(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|i| !i.is_empty())
+}
+
+fn parse_cidr_list(s: &str) -> Result<CidrList, String> {
+    items(s)
+        .map(|i| {
+            i.parse::<IpNet>()
+                .or_else(|_| i.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{i:?} is not a CIDR or address"))
+        })
+        .collect::<Result<_, _>>()
+        .map(CidrList)
+}
+
+fn parse_name_list(s: &str) -> Result<NameList, String> {
+    Ok(NameList(items(s).map(str::to_owned).collect()))
 }

@@ -34,7 +34,7 @@ use crate::{
 pub const PLUGIN_NAME: &str = "egress-deny";
 /// Quiet time after the last change before a rules sync (kubelet swaps in one rename,
 /// editors write in bursts).
-const RULES_DEBOUNCE: Duration = Duration::from_millis(100);
+const RULES_DEBOUNCE: Duration = Duration::from_millis(20);
 const CONF_DEBOUNCE: Duration = Duration::from_millis(50);
 /// Safety net for missed notifications, host-interface changes and late conflists.
 const TICK: Duration = Duration::from_secs(2);
@@ -200,7 +200,7 @@ fn sync_rules(args: &RunArgs, syncer: &mut Syncer, shared: &Shared) {
             );
         }
         let mut rules = parsed.rules;
-        for warning in sync::add_protections(&mut rules, &sync::protected(&args.protect)) {
+        for warning in sync::add_protections(&mut rules, &sync::protected(&args.protect.0)) {
             log::warn!("{warning}");
         }
         let ops = syncer.apply(rules.clone())?;
@@ -259,7 +259,7 @@ fn ensure_conflist(args: &RunArgs, shared: &Shared) {
             .then(|| args.state.pin_dir.display().to_string()),
         state_dir: (args.state.state_dir != default_state)
             .then(|| args.state.state_dir.display().to_string()),
-        exclude_namespaces: args.exclude_namespaces.clone(),
+        exclude_namespaces: args.exclude_namespaces.0.clone(),
     };
     let outcome = conflist::ensure(&args.cni.cni_conf_dir, &entry);
     let mut status = shared.status.lock().expect("status");

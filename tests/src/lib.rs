@@ -158,12 +158,14 @@ pub fn require_root() {
 /// Test executables live in target/<profile>/deps, binaries one level up.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (tests/run.sh does)",
-        path.display()
-    );
-    path
+    // Test executables live in target/<profile>/deps, benchmark binaries next to ours.
+    let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];
+    let found = dirs
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!("{name} not built next to {}: run `cargo build --workspace --bins` first (tests/run.sh does)", exe.display())
+    })
 }

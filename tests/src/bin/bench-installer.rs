@@ -102,11 +102,18 @@ fn main() -> Result<()> {
         // One more line.
         let extra = Ipv4Addr::new(198, 51, 100, 99);
         let text2 = format!("{text}{extra}\n");
-        let before = daemon_duration_ms(&dirs);
+        let status_before = std::fs::read(dirs.state_dir().join("status.json"))?;
         let started = Instant::now();
         dirs.publish_rules(&[("feed", text2.as_bytes())])?;
         let took = until_denied(&maps, extra, started)?;
-        let _ = before;
+        wait_until(
+            "status of the one-line change",
+            Duration::from_secs(60),
+            || {
+                std::fs::read(dirs.state_dir().join("status.json"))
+                    .is_ok_and(|s| s != status_before)
+            },
+        )?;
         let row = format!(
             "| {n} | +1 line | {:.0} ms | {} ms | {} MiB | {} MiB | |",
             took.as_secs_f64() * 1000.0,
