@@ -77,6 +77,14 @@ pub struct RunArgs {
     /// comma-separated, empty: none).
     #[arg(long, env = "EGRESS_DENY_EXCLUDE_NAMESPACES", default_value = "", value_parser = parse_name_list)]
     pub exclude_namespaces: NameList,
+    /// The container runtime's CNI cache (`results/`): pods it attached while the plugin
+    /// was missing are found there and repaired.
+    #[arg(
+        long,
+        env = "EGRESS_DENY_CNI_CACHE_DIR",
+        default_value = "/var/lib/cni"
+    )]
+    pub cni_cache_dir: PathBuf,
     /// Deny events logged per second per attachment and CPU (0: off).
     #[arg(long, env = "EGRESS_DENY_DENY_EVENTS_PER_SECOND", default_value_t = 5)]
     pub deny_events_per_second: u32,

@@ -15,7 +15,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
-    counters::CounterMap,
     events::{self, EventReader},
     loader::{self, MapOutcome},
     paths::{PinLayout, StateLayout, host_link_ifname},
@@ -25,7 +24,7 @@ use egress_deny_datapath::{
 use crate::{
     cli::RunArgs,
     conflist::{self, ConflistError, Ensured},
-    metrics, node,
+    metrics, node, repair,
     rules::{self, RuleSet},
     status::{DaemonStatus, RuleCounts, SyncStatus, now},
     sync::{self, Syncer},
@@ -129,6 +128,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     sync_rules(args, &mut syncer, &shared);
     ensure_conflist(args, &shared);
+    repair::repair_from_cache(&layout, &state, &args.cni_cache_dir);
     let mut host_links = attach_host_interfaces(args, &layout, &[]);
     shared.status.lock().expect("status").host_interfaces = host_links.clone();
 
@@ -164,6 +164,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             next_tick = now + TICK;
             ensure_conflist(args, &shared);
             host_links = attach_host_interfaces(args, &layout, &host_links);
+            repair::clean_up_vanished(&layout, &state);
+            repair::repair_from_cache(&layout, &state, &args.cni_cache_dir);
             shared.status.lock().expect("status").host_interfaces = host_links.clone();
             if !shared.synced_once.load(Ordering::Relaxed)
                 || rules_dir_appeared(&args.rules_dir, &shared)
@@ -337,24 +339,10 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String
 /// After an upgrade the pinned program is new: move every pod attachment to it (a TCX
 /// link update is atomic). Attachments whose pod is gone are cleaned up.
 fn move_pod_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) {
-    let mut counters = CounterMap::open(layout).ok();
-    for (path, record) in AttachmentRecord::list(state).unwrap_or_default() {
+    crate::repair::clean_up_vanished(layout, state);
+    for (_, record) in AttachmentRecord::list(state).unwrap_or_default() {
         let link_pin = layout.pod_link(&record.container_id, &record.ifname);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
-        let alive = egress_deny_datapath::iface::ifindex(&record.host_ifname)
-            .is_ok_and(|i| i == record.host_ifindex);
-        if !alive {
-            let _ = attach::detach(None, Hook::Ingress, &link_pin, AttachMode::Tcx);
-            if let Some(c) = counters.as_mut() {
-                let _ = c.remove(record.host_ifindex);
-            }
-            let _ = std::fs::remove_file(&path);
-            log::info!(
-                "cleaned up the attachment of vanished pod container {}",
-                record.container_id
-            );
-            continue;
-        }
         let req = AttachRequest {
             ifname: &record.host_ifname,
             hook: Hook::Ingress,

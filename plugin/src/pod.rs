@@ -2,23 +2,18 @@
 use std::path::Path;
 
 use egress_deny_datapath::{
-    events, iface, netlink,
-    netns::NetnsGuard,
+    events,
     paths::{ALL_MAPS, PinLayout, ProgramKind},
+    veth,
 };
 use serde_json::Value;
 
 use crate::error::PluginError;
 
-/// The host side of the pod's veth, in the plugin's (the host's) namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostVeth {
-    pub ifname: String,
-    pub ifindex: u32,
-}
+pub use egress_deny_datapath::veth::HostVeth;
 
-/// Reads the peer ifindex of `ifname` inside the pod namespace, then resolves it here.
-/// Cross-checks with the host-side interfaces the primary plugin reported, if any.
+/// The pod's host-side veth; cross-checked with the host-side interfaces the primary
+/// plugin reported, if any (the kernel's answer decides; a mismatch is logged).
 pub fn host_veth(
     netns: &Path,
     ifname: &str,
@@ -30,30 +25,10 @@ pub fn host_veth(
             netns.display()
         )));
     }
-    let details = {
-        let _guard = NetnsGuard::enter(netns)
-            .map_err(|e| PluginError::datapath("entering the pod namespace", e))?;
-        netlink::link_details(ifname)
-            .map_err(|e| PluginError::datapath(format!("looking up {ifname} in the pod"), e))?
-    };
-    if details.kind.as_deref() != Some("veth") {
-        return Err(PluginError::InvalidConfig(format!(
-            "{ifname} in the pod is a {:?} device, not a veth: egress-deny needs a host-side veth \
-             (primary plugins such as bridge, ptp, Calico, Flannel)",
-            details.kind.as_deref().unwrap_or("physical")
-        )));
-    }
-    let peer = details
-        .link
-        .filter(|i| *i != 0)
-        .ok_or_else(|| PluginError::Other(format!("{ifname} in the pod has no peer")))?;
-    let host_ifname = iface::ifname(peer).map_err(|e| {
-        PluginError::datapath(
-            format!("the peer of {ifname} (ifindex {peer}) is not in this namespace"),
-            e,
-        )
+    let veth = veth::host_side(netns, ifname).map_err(|e| match e {
+        egress_deny_datapath::Error::Invalid(msg) => PluginError::InvalidConfig(msg),
+        other => PluginError::datapath(format!("finding the host side of {ifname}"), other),
     })?;
-
     let reported: Vec<&str> = prev_result
         .and_then(|p| p.get("interfaces"))
         .and_then(Value::as_array)
@@ -68,16 +43,13 @@ pub fn host_veth(
                 .collect()
         })
         .unwrap_or_default();
-    if !reported.is_empty() && !reported.contains(&host_ifname.as_str()) {
-        // The kernel's answer decides; a mismatch is worth knowing about.
+    if !reported.is_empty() && !reported.contains(&veth.ifname.as_str()) {
         log::warn!(
-            "host-side veth {host_ifname} of {ifname} is not among the host interfaces in prevResult {reported:?}"
+            "host-side veth {} of {ifname} is not among the host interfaces in prevResult {reported:?}",
+            veth.ifname
         );
     }
-    Ok(HostVeth {
-        ifname: host_ifname,
-        ifindex: peer,
-    })
+    Ok(veth)
 }
 
 /// Whether the installer has pinned the programs and maps.
