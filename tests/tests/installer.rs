@@ -375,6 +375,29 @@ fn pods_and_host_follow_the_rules_across_bad_updates_and_restarts() -> Result<()
     installer.wait_ready()?;
     assert!(installer.log_text().contains("reusing the pinned map"));
     assert!(installer.log_text().contains("update rejected"));
+    // Only one program version attached node-wide: the pod's link now runs the program
+    // this daemon pinned (moved by an atomic link update, not re-created).
+    let record = egress_deny_datapath::records::AttachmentRecord::read(
+        &egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+            .attachment_record(&pod.container_id, "eth0"),
+    )?;
+    let link = egress_deny_datapath::attach::pinned_link_state(
+        &dirs.layout().pod_link(&pod.container_id, "eth0"),
+    )?
+    .context("pod link")?;
+    let (_, current) = egress_deny_datapath::attach::pinned_program(
+        &dirs.layout(),
+        egress_deny_datapath::paths::ProgramKind::Ethernet,
+    )?;
+    assert_eq!(
+        link.prog_id, current,
+        "the pod still runs the previous daemon's program"
+    );
+    assert_eq!(record.program_id, current);
+    assert!(installer.log_text().contains(&format!(
+        "moved {} to program {current}",
+        record.host_ifname
+    )));
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         0,
@@ -528,5 +551,25 @@ fn million_line_update_while_traffic_flows_leaks_nothing() -> Result<()> {
         0,
         "packets to a destination denied before and after leaked"
     );
+    Ok(())
+}
+
+/// With no bpffs where the pin dir goes, the loader mounts one (as on a node where
+/// nothing mounted /sys/fs/bpf).
+#[test]
+fn bpffs_is_mounted_when_missing() -> Result<()> {
+    require_root();
+    let dir = tempfile::tempdir()?;
+    let mount_point = dir.path().join("bpf");
+    let layout = egress_deny_datapath::paths::PinLayout::new(mount_point.join("egress-deny"));
+    assert!(!egress_deny_datapath::loader::is_bpffs(dir.path())?);
+    let result = egress_deny_datapath::loader::load_and_pin(&layout);
+    let mounted = egress_deny_datapath::loader::is_bpffs(&mount_point);
+    let _ = egress_deny_datapath::loader::unpin_all(&layout);
+    let _ = std::process::Command::new("umount")
+        .arg(&mount_point)
+        .status();
+    result?;
+    assert!(mounted?, "no bpffs mounted at {}", mount_point.display());
     Ok(())
 }
