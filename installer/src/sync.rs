@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use crate::rules::{Entry, Plan, RuleSet, plan};
 
 pub struct Syncer {
+    layout: PinLayout,
     maps: RuleMaps,
     /// What the maps hold, kept in memory so that each update is a diff.
     enforced: RuleSet,
@@ -18,7 +19,11 @@ impl Syncer {
     pub fn open(layout: &PinLayout) -> egress_deny_datapath::Result<Self> {
         let maps = RuleMaps::open(layout)?;
         let enforced = read_enforced(&maps)?;
-        Ok(Self { maps, enforced })
+        Ok(Self {
+            layout: layout.clone(),
+            maps,
+            enforced,
+        })
     }
 
     pub fn enforced(&self) -> &RuleSet {
@@ -47,34 +52,63 @@ impl Syncer {
     }
 
     fn run(&mut self, p4: &Plan<u32>, p6: &Plan<u128>) -> egress_deny_datapath::Result<()> {
+        // Phase by phase, both families, so the ordering argument of `Plan` holds. Within
+        // a phase the order does not matter: big phases are split over two threads (the
+        // trie serialises the insert itself, but the syscall work around it overlaps).
+        let layout = self.layout.clone();
         let maps = &mut self.maps;
-        // Both families step by step, so the ordering argument holds for each.
-        for e in &p4.upsert_deny {
-            maps.insert_v4(e.addr.to_be_bytes(), e.len, e.action)?;
-        }
-        for e in &p6.upsert_deny {
-            maps.insert_v6(e.addr.to_be_bytes(), e.len, e.action)?;
-        }
-        for e in &p4.remove_allow {
-            maps.remove_v4(e.addr.to_be_bytes(), e.len)?;
-        }
-        for e in &p6.remove_allow {
-            maps.remove_v6(e.addr.to_be_bytes(), e.len)?;
-        }
-        for e in &p4.upsert_allow {
-            maps.insert_v4(e.addr.to_be_bytes(), e.len, e.action)?;
-        }
-        for e in &p6.upsert_allow {
-            maps.insert_v6(e.addr.to_be_bytes(), e.len, e.action)?;
-        }
-        for e in &p4.remove_deny {
-            maps.remove_v4(e.addr.to_be_bytes(), e.len)?;
-        }
-        for e in &p6.remove_deny {
-            maps.remove_v6(e.addr.to_be_bytes(), e.len)?;
-        }
+        apply_phase(maps, &layout, &p4.upsert_deny, |m, e| {
+            m.insert_v4(e.addr.to_be_bytes(), e.len, e.action)
+        })?;
+        apply_phase(maps, &layout, &p6.upsert_deny, |m, e| {
+            m.insert_v6(e.addr.to_be_bytes(), e.len, e.action)
+        })?;
+        apply_phase(maps, &layout, &p4.remove_allow, |m, e| {
+            m.remove_v4(e.addr.to_be_bytes(), e.len)
+        })?;
+        apply_phase(maps, &layout, &p6.remove_allow, |m, e| {
+            m.remove_v6(e.addr.to_be_bytes(), e.len)
+        })?;
+        apply_phase(maps, &layout, &p4.upsert_allow, |m, e| {
+            m.insert_v4(e.addr.to_be_bytes(), e.len, e.action)
+        })?;
+        apply_phase(maps, &layout, &p6.upsert_allow, |m, e| {
+            m.insert_v6(e.addr.to_be_bytes(), e.len, e.action)
+        })?;
+        apply_phase(maps, &layout, &p4.remove_deny, |m, e| {
+            m.remove_v4(e.addr.to_be_bytes(), e.len)
+        })?;
+        apply_phase(maps, &layout, &p6.remove_deny, |m, e| {
+            m.remove_v6(e.addr.to_be_bytes(), e.len)
+        })?;
         Ok(())
     }
+}
+
+/// Below this, a second thread costs more than it saves.
+const PARALLEL_THRESHOLD: usize = 20_000;
+
+fn apply_phase<A: Sync>(
+    maps: &mut RuleMaps,
+    layout: &PinLayout,
+    entries: &[Entry<A>],
+    op: impl Fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()> + Sync,
+) -> egress_deny_datapath::Result<()> {
+    if entries.len() < PARALLEL_THRESHOLD {
+        return entries.iter().try_for_each(|e| op(maps, e));
+    }
+    let (first, second) = entries.split_at(entries.len() / 2);
+    let mut other = RuleMaps::open(layout)?;
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(|| second.iter().try_for_each(|e| op(&mut other, e)));
+        let mine = first.iter().try_for_each(|e| op(maps, e));
+        let theirs = helper.join().unwrap_or_else(|_| {
+            Err(egress_deny_datapath::Error::Invalid(
+                "map worker panicked".into(),
+            ))
+        });
+        mine.and(theirs)
+    })
 }
 
 fn read_enforced(maps: &RuleMaps) -> egress_deny_datapath::Result<RuleSet> {

@@ -86,6 +86,12 @@ impl InstallerDirs {
     /// Writes a rules file the way kubelet updates a ConfigMap volume: a new
     /// timestamped directory, then an atomic swap of the `..data` symlink.
     pub fn publish_rules(&self, files: &[(&str, &[u8])]) -> Result<()> {
+        self.publish_rules_timed(files).map(|_| ())
+    }
+
+    /// `publish_rules`, returning the moment of the `..data` rename (after the files
+    /// were written), which is when kubelet's update becomes visible.
+    pub fn publish_rules_timed(&self, files: &[(&str, &[u8])]) -> Result<std::time::Instant> {
         let dir = self.rules_dir();
         let stamp = format!("..{}", random_suffix());
         std::fs::create_dir(dir.join(&stamp))?;
@@ -100,11 +106,12 @@ impl InstallerDirs {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&stamp, &tmp)?;
         let old = std::fs::read_link(dir.join("..data")).ok();
+        let renamed_at = std::time::Instant::now();
         std::fs::rename(&tmp, dir.join("..data"))?;
         if let Some(old) = old {
             let _ = std::fs::remove_dir_all(dir.join(old));
         }
-        Ok(())
+        Ok(renamed_at)
     }
 }
 

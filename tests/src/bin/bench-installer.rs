@@ -81,8 +81,7 @@ fn main() -> Result<()> {
         // The highest address is inserted last (the plan is sorted).
         let (last, _) = *rules.last().context("rules")?;
         let slab_before = meminfo_kib("Slab").unwrap_or(0);
-        let started = Instant::now();
-        dirs.publish_rules(&[("feed", text.as_bytes())])?;
+        let started = dirs.publish_rules_timed(&[("feed", text.as_bytes())])?;
         let took = until_denied(&maps, Ipv4Addr::from(last), started)?;
         wait_until("status", Duration::from_secs(60), || {
             daemon_duration_ms(&dirs) > 0
@@ -103,8 +102,7 @@ fn main() -> Result<()> {
         let extra = Ipv4Addr::new(198, 51, 100, 99);
         let text2 = format!("{text}{extra}\n");
         let status_before = std::fs::read(dirs.state_dir().join("status.json"))?;
-        let started = Instant::now();
-        dirs.publish_rules(&[("feed", text2.as_bytes())])?;
+        let started = dirs.publish_rules_timed(&[("feed", text2.as_bytes())])?;
         let took = until_denied(&maps, extra, started)?;
         wait_until(
             "status of the one-line change",
