@@ -135,7 +135,9 @@ fn main() -> Result<()> {
          The TCX path is dominated by one kernel call: `BPF_LINK_CREATE` for TCX commits the\n\
          device's new program list with an RCU grace period (`synchronize_rcu`), ~15 ms on this\n\
          2-core VM (strace -T). The rule count does not matter: ADD never touches the maps.\n\
-         The netlink (cls_bpf) path has no such wait.\n",
+         The cls_bpf path (which first adds a clsact qdisc to the new veth) measured no better.\n\
+         Both include the background kernel work of the namespace and veth created right before\n\
+         each ADD, as on a node starting pods. Target p99 < 10 ms: missed.\n",
         machine()
     );
     write_section(
