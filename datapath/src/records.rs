@@ -38,7 +38,47 @@ pub struct AttachmentRecord {
     pub attached_at: u64,
 }
 
+/// Who a pod attachment belongs to (from CNI: container, interface, netns, K8S_* args).
+#[derive(Clone, Debug, Default)]
+pub struct PodIdentity {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+}
+
 impl AttachmentRecord {
+    /// The record of a fresh attachment of `pod` on its host veth.
+    pub fn new(
+        pod: PodIdentity,
+        host: &crate::veth::HostVeth,
+        attachment: &crate::attach::Attachment,
+        link_pin: &Path,
+    ) -> Self {
+        let tcx = attachment.mode == crate::attach::AttachMode::Tcx;
+        Self {
+            container_id: pod.container_id,
+            ifname: pod.ifname,
+            netns: pod.netns,
+            pod_namespace: pod.pod_namespace,
+            pod_name: pod.pod_name,
+            host_ifname: host.ifname.clone(),
+            host_ifindex: host.ifindex,
+            mode: attachment.mode.as_str().to_owned(),
+            link_pin: if tcx {
+                link_pin.display().to_string()
+            } else {
+                String::new()
+            },
+            program_id: attachment.program_id,
+            attached_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
     pub fn write(&self, state: &StateLayout) -> Result<PathBuf> {
         let path = state.attachment_record(&self.container_id, &self.ifname);
         let json = serde_json::to_vec_pretty(self)

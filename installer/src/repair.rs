@@ -2,17 +2,14 @@
 //! unfiltered. The runtime's CNI result cache lists every attachment it made; those we
 //! have no record of are attached now, without restarting the pod. Attachments whose
 //! pod is gone are cleaned up.
-use std::{
-    path::Path,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::path::Path;
 
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
     counters::CounterMap,
     iface,
     paths::{PinLayout, StateLayout},
-    records::AttachmentRecord,
+    records::{AttachmentRecord, PodIdentity},
     veth,
 };
 use serde::Deserialize;
@@ -105,26 +102,14 @@ fn attach_pod(
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
     };
-    let record = AttachmentRecord {
+    let pod = PodIdentity {
         container_id: cached.container_id.clone(),
         ifname: cached.if_name.clone(),
         netns: netns.to_owned(),
         pod_namespace: arg("K8S_POD_NAMESPACE"),
         pod_name: arg("K8S_POD_NAME"),
-        host_ifname: host.ifname.clone(),
-        host_ifindex: host.ifindex,
-        mode: attachment.mode.as_str().to_owned(),
-        link_pin: if attachment.mode == AttachMode::Tcx {
-            link_pin.display().to_string()
-        } else {
-            String::new()
-        },
-        program_id: attachment.program_id,
-        attached_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
     };
+    let record = AttachmentRecord::new(pod, &host, &attachment, &link_pin);
     record.write(state)?;
     Ok(match (&record.pod_namespace, &record.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name} ({})", host.ifname),

@@ -1,10 +1,8 @@
 //! ADD: attach the pinned program to the pod's host-side veth (tc ingress) before the
 //! pod runs, record the attachment, and pass prevResult through unchanged.
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use egress_deny_datapath::{
-    attach::{self, AttachMode, AttachRequest, Hook},
-    records::AttachmentRecord,
+    attach::{self, AttachRequest, Hook},
+    records::{AttachmentRecord, PodIdentity},
 };
 
 use crate::{Output, config::FailurePolicy, error::PluginError, pod, skel::Invocation};
@@ -53,26 +51,14 @@ pub fn run(inv: &Invocation) -> Output {
     )
     .map_err(|e| PluginError::datapath(format!("attaching to {}", veth.ifname), e))?;
 
-    let record = AttachmentRecord {
+    let pod = PodIdentity {
         container_id: inv.container_id.clone(),
         ifname: inv.ifname.clone(),
         netns: netns.display().to_string(),
         pod_namespace: inv.pod_namespace().map(str::to_owned),
         pod_name: inv.pod_name().map(str::to_owned),
-        host_ifname: veth.ifname.clone(),
-        host_ifindex: veth.ifindex,
-        mode: attachment.mode.as_str().to_owned(),
-        link_pin: if mode == AttachMode::Tcx {
-            link_pin.display().to_string()
-        } else {
-            String::new()
-        },
-        program_id: attachment.program_id,
-        attached_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
     };
+    let record = AttachmentRecord::new(pod, &veth, &attachment, &link_pin);
     if let Err(e) = record.write(&conf.state_layout()) {
         // Nothing half-done: without its record the installer could not account for it.
         let _ = attach::detach(

@@ -13,6 +13,20 @@ use egress_deny_datapath::{loader, netns::NetnsGuard, paths::PinLayout};
 
 use crate::{Netns, binary, random_suffix, wait_until};
 
+/// The installer binary, run in `netns` (only the network namespace: `nsenter --net`
+/// keeps the host's mounts, bpffs included) or here.
+fn installer_command(netns: Option<&Netns>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.path().display()))
+                .arg(binary("egress-deny-installer"));
+            c
+        }
+        None => Command::new(binary("egress-deny-installer")),
+    }
+}
+
 /// Directories an installer instance works on (the DaemonSet's hostPaths).
 pub struct InstallerDirs {
     pub root: tempfile::TempDir,
@@ -64,15 +78,7 @@ impl InstallerDirs {
 
     /// Runs a one-shot subcommand (status, lookup, uninstall); returns stdout.
     pub fn cli(&self, netns: Option<&Netns>, args: &[&str]) -> Result<String> {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path().display()))
-                    .arg(binary("egress-deny-installer"));
-                c
-            }
-            None => Command::new(binary("egress-deny-installer")),
-        };
+        let mut cmd = installer_command(netns);
         let out = cmd.args(args).output()?;
         if !out.status.success() {
             bail!(
@@ -143,15 +149,7 @@ impl Installer {
         let port = free_port();
         let log = dirs.root.path().join(format!("installer-{port}.log"));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path().display()))
-                    .arg(binary("egress-deny-installer"));
-                c
-            }
-            None => Command::new(binary("egress-deny-installer")),
-        };
+        let mut cmd = installer_command(netns);
         cmd.arg("run")
             .args(dirs.state_args())
             .args(dirs.cni_args())
