@@ -22,31 +22,12 @@ use serde_json::json;
 
 fn exec(env: &[(&str, &str)], stdin: &str) -> Result<f64> {
     let started = Instant::now();
-    let mut child = (if let Ok(t) = std::env::var("BENCH_STRACE") {
-        let mut c = Command::new("strace");
-        c.args([
-            "-f",
-            "-T",
-            "-tt",
-            "-o",
-            &format!(
-                "{t}.{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ),
-        ])
-        .arg(binary("egress-deny"));
-        c
-    } else {
-        Command::new(binary("egress-deny"))
-    })
-    .envs(env.iter().copied())
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()?;
+    let mut child = Command::new(binary("egress-deny"))
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
     child
         .stdin
         .take()
@@ -96,7 +77,6 @@ fn main() -> Result<()> {
             ))?;
             node.ip(&format!("link set {host} up"))?;
             let mut add_conf = conf.clone();
-            add_conf["attachMode"] = json!(mode);
             add_conf["prevResult"] = json!({
                 "cniVersion": "1.0.0",
                 "interfaces": [{ "name": host }, { "name": "eth0", "sandbox": pod.path() }],
@@ -125,9 +105,7 @@ fn main() -> Result<()> {
                 ("CNI_PATH", "/usr/lib/cni"),
             ];
             let _guard = NetnsGuard::enter(&node.path())?;
-            let mut del_conf = conf.clone();
-            del_conf["attachMode"] = json!(mode);
-            del.push(exec(&env, &del_conf.to_string())?);
+            del.push(exec(&env, &conf.to_string())?);
         }
         add.sort_by(f64::total_cmp);
         del.sort_by(f64::total_cmp);
