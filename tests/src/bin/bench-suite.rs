@@ -487,6 +487,23 @@ fn cleanup_on_signal(prefix: String) -> Result<()> {
     Ok(())
 }
 
+/// What limits each mechanism (the "why" behind the tables).
+const LIMITS: &str = "\
+- Everything runs on one 2-core VM: sender, router and receiver share the CPUs, so absolute
+  numbers are low and noisy; compare mechanisms within a run, and prefer the full run
+  (medians of 3) over `--quick` (one repetition).
+- **iptables**: every packet walks the FORWARD rules linearly, so per-packet cost grows
+  with N and throughput collapses by 10k rules; restoring large rule sets also takes long.
+- **ipset + iptables** (Calico's mechanism): one `hash:net` set probed once per distinct
+  prefix length in the set (3 here), so the packet cost stays nearly flat; set-up is
+  `ipset restore` of the whole list, and memory grows with N.
+- **egress-deny**: one LPM-trie lookup per packet (~150–250 ns at 1M–10M rules in
+  BPF_PROG_TEST_RUN, tests/BENCHMARKS.md), plus VLAN parsing and per-pod counters; set-up
+  is limited by one bpf() syscall per rule (the installer splits big updates over two
+  threads; this suite inserts from one).
+- **reference LPM**: the same lookup without VLAN/IPv6 parsing and counters, reading the
+  packet through `bpf_skb_load_bytes`; the fixed anchor for future datapath work.";
+
 type Results = BTreeMap<(String, usize), (Sample, Duration)>;
 /// Extracts one metric from a sample (and the set-up time).
 type MetricOf = fn(&Sample, &Duration) -> f64;
@@ -620,14 +637,7 @@ fn write_results(
     for note in notes.iter().collect::<std::collections::BTreeSet<_>>() {
         let _ = writeln!(md, "- {note}");
     }
-    let _ = writeln!(
-        md,
-        "- Everything runs on one 2-core VM: sender, router and receiver share the CPUs, so\n  \
-         absolute numbers are low and noisy; compare mechanisms within a run.\n\
-         - iptables walks its rules linearly per packet; ipset hashes per prefix length present;\n  \
-         the eBPF filters do one LPM-trie lookup. egress-deny also parses VLAN tags and IPv6 and\n  \
-         keeps per-pod counters; the reference filter is IPv4-only and counter-free."
-    );
+    let _ = writeln!(md, "{LIMITS}");
     std::fs::write(dir.join("RESULTS.md"), md)?;
     println!("wrote {}", dir.join("RESULTS.md").display());
     Ok(())
