@@ -346,3 +346,57 @@ fn the_env_var_forces_the_cls_bpf_fallback_and_gc_removes_it() -> Result<()> {
     assert!(record(&node, "envmode-1").is_err(), "record left after GC");
     Ok(())
 }
+
+#[test]
+fn del_of_a_vanished_pod_spares_the_pod_that_reuses_its_veth_name() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    // Calico names a pod's host veth after the pod: a restarted pod gets the old name.
+    let host = format!("vr{}", egress_deny_tests::random_suffix());
+    let pod_with_veth = || -> Result<Netns> {
+        let pod = Netns::new("edx")?;
+        node.node.ip(&format!(
+            "link add {host} type veth peer name eth0 netns {}",
+            pod.name
+        ))?;
+        node.node.ip(&format!("link set {host} up"))?;
+        Ok(pod)
+    };
+    let mut conf = entry_1_1(&node, json!({ "attachMode": "netlink" }));
+    conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": host }] });
+
+    let old = pod_with_veth()?;
+    let old_netns = old.path().display().to_string();
+    let (ok, out) = exec_plugin(&node, &add_env("reuse-old", &old_netns), &conf.to_string())?;
+    assert!(ok, "{out}");
+    drop(old); // the sandbox dies; its veth with it, before the runtime's DEL
+    let new = pod_with_veth()?;
+    let new_netns = new.path().display().to_string();
+    let (ok, out) = exec_plugin(&node, &add_env("reuse-new", &new_netns), &conf.to_string())?;
+    assert!(ok, "{out}");
+    let pinned = pinned_program_id(&node)?;
+    assert_eq!(ingress_programs(&node, &host)?, (vec![], vec![pinned]));
+
+    // The late DEL of the old sandbox must not strip the new pod's filter.
+    let del = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "reuse-old"),
+        ("CNI_NETNS", old_netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (ok, out) = exec_plugin(&node, &del, &entry_1_1(&node, json!({})).to_string())?;
+    assert!(ok, "{out}");
+    assert!(record(&node, "reuse-old").is_err(), "old record left");
+    assert_eq!(
+        ingress_programs(&node, &host)?,
+        (vec![], vec![pinned]),
+        "the new pod lost its filter"
+    );
+    // GC that only knows the new pod keeps it too.
+    let mut gc = entry_1_1(&node, json!({}));
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": "reuse-new", "ifname": "eth0" }]);
+    let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "GC")], &gc.to_string())?;
+    assert!(ok, "{out}");
+    assert_eq!(ingress_programs(&node, &host)?, (vec![], vec![pinned]));
+    Ok(())
+}
