@@ -47,11 +47,10 @@ fn a_pod_started_before_the_installer_is_repaired_without_a_restart() -> Result<
         Duration::from_secs(10),
         || udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 1).is_ok_and(|n| n == 0),
     )?;
-    assert!(
-        installer.log_text().contains("repaired: pod legacy/old-1"),
-        "{}",
-        installer.log_text()
-    );
+    // The attachment takes effect a moment before the daemon records and logs it.
+    wait_until("the repair to be logged", Duration::from_secs(10), || {
+        installer.log_text().contains("repaired: pod legacy/old-1")
+    })?;
     let (_, metrics) = installer.http("/metrics")?;
     assert!(
         metrics.contains("pod=\"old-1\""),
