@@ -13,10 +13,9 @@ use egress_deny_tests::{
         CniNode, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs, run_plugin,
         run_plugin_under,
     },
-    require_root, wait_until,
+    require_root,
 };
 use serde_json::{Value, json};
-use std::time::Duration;
 
 fn record(node: &CniNode, container_id: &str) -> Result<AttachmentRecord> {
     Ok(AttachmentRecord::read(
@@ -374,10 +373,6 @@ fn del_of_a_vanished_pod_spares_the_pod_that_reuses_its_veth_name() -> Result<()
     let (ok, out) = exec_plugin(&node, &add_env("reuse-old", &old_netns), &conf.to_string())?;
     assert!(ok, "{out}");
     drop(old); // the sandbox dies; its veth with it, before the runtime's DEL
-    // The kernel tears a namespace down asynchronously: wait for the name to be free.
-    wait_until("the old veth to go", Duration::from_secs(10), || {
-        node.node.ip(&format!("link show {host}")).is_err()
-    })?;
     let new = pod_with_veth()?;
     let new_netns = new.path().display().to_string();
     let (ok, out) = exec_plugin(&node, &add_env("reuse-new", &new_netns), &conf.to_string())?;
@@ -445,37 +440,5 @@ fn add_check_and_del_never_load_programs_or_create_maps() -> Result<()> {
     // The trace did see the plugin's own bpf calls (TCX link, pinned objects).
     assert!(seen.contains("BPF_LINK_CREATE"), "{seen}");
     assert!(seen.contains("BPF_OBJ_GET"), "{seen}");
-    Ok(())
-}
-
-#[test]
-fn a_prev_result_naming_another_host_interface_is_logged_and_the_kernel_decides() -> Result<()> {
-    require_root();
-    let node = CniNode::new()?;
-    let (pod, host) = hand_made_pod(&node)?;
-    let mut conf = entry_1_1(
-        &node,
-        json!({ "log": { "level": "info", "target": "stderr" } }),
-    );
-    conf["prevResult"] = json!({
-        "cniVersion": "1.1.0",
-        "interfaces": [
-            { "name": "not-the-peer" },
-            { "name": "eth0", "sandbox": pod.path() }
-        ],
-    });
-    let netns = pod.path().display().to_string();
-    let run = run_plugin(&node, &add_env("mismatch-1", &netns), &conf.to_string())?;
-    assert!(run.ok, "{run:?}");
-    assert!(
-        run.stderr.contains("not among the host interfaces"),
-        "{:?}",
-        run.stderr
-    );
-    assert_eq!(record(&node, "mismatch-1")?.host_ifname, host);
-    assert_eq!(
-        ingress_programs(&node, &host)?.0,
-        vec![pinned_program_id(&node)?]
-    );
     Ok(())
 }
