@@ -333,19 +333,8 @@ pub struct PluginRun {
 /// what libcni 1.1.2 cannot drive: GC, STATUS, 1.1.0, malformed input), with only the
 /// given environment (plus PATH and CNI_PATH).
 pub fn run_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<PluginRun> {
-    run_plugin_under(node, &[], env, stdin)
-}
-
-/// [`run_plugin`] under a wrapper command (e.g. strace).
-pub fn run_plugin_under(
-    node: &CniNode,
-    wrapper: &[&str],
-    env: &[(&str, &str)],
-    stdin: &str,
-) -> Result<PluginRun> {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", node.node.path().display()))
-        .args(wrapper)
         .arg(node.bin_dir().join("egress-deny"))
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
