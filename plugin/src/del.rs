@@ -6,7 +6,7 @@ use egress_deny_datapath::{
     records::AttachmentRecord,
 };
 
-use crate::{Output, pod, skel::Invocation};
+use crate::{Output, skel::Invocation};
 
 pub fn run(inv: &Invocation) -> Output {
     let conf = inv.config();
@@ -20,7 +20,7 @@ pub fn run(inv: &Invocation) -> Output {
         Some(r) => AttachMode::parse(&r.mode).unwrap_or(AttachMode::Tcx),
         None => AttachMode::Tcx,
     };
-    let host_ifname = record.as_ref().and_then(pod::recorded_host_ifname);
+    let host_ifname = record.as_ref().map(|r| r.host_ifname.as_str());
     if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
         log::warn!("{}: detaching: {e}", inv.container_id);
     }

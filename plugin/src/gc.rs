@@ -9,7 +9,7 @@ use egress_deny_datapath::{
     records::AttachmentRecord,
 };
 
-use crate::{Output, error::PluginError, pod, skel::Invocation};
+use crate::{Output, error::PluginError, skel::Invocation};
 
 pub fn run(inv: &Invocation) -> Output {
     let conf = inv.config();
@@ -35,8 +35,7 @@ pub fn run(inv: &Invocation) -> Output {
         }
         let link_pin = layout.pod_link(&record.container_id, &record.ifname);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
-        let host_ifname = pod::recorded_host_ifname(&record);
-        if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
+        if let Err(e) = attach::detach(Some(&record.host_ifname), Hook::Ingress, &link_pin, mode) {
             log::warn!("GC {}: {e}", record.container_id);
         }
         if let Some(counters) = counters.as_mut() {
