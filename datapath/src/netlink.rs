@@ -16,10 +16,6 @@ const RTM_GETLINK: u16 = 18;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETTFILTER: u16 = 46;
 const RTM_NEWTFILTER: u16 = 44;
-const RTM_NEWNSID: u16 = 88;
-const RTM_GETNSID: u16 = 90;
-const NETNSA_NSID: u16 = 1;
-const NETNSA_FD: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const IFLA_IFNAME: u16 = 3;
@@ -92,25 +88,6 @@ pub fn link_details(ifname: &str) -> Result<LinkDetails> {
         }
     }
     Ok(details)
-}
-
-/// The id the current thread's namespace uses for the namespace `ns` refers to (the
-/// ids `IFLA_LINK_NETNSID` reports); `None` when it has not assigned one.
-pub fn netns_id(ns: std::os::fd::BorrowedFd<'_>) -> Result<Option<i32>> {
-    // struct rtgenmsg { family u8 }, padded to 4 bytes, then NETNSA_FD.
-    let mut req = vec![0u8; 4];
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&ns) as u32;
-    push_attr(&mut req, NETNSA_FD, &fd.to_ne_bytes());
-    let replies =
-        request(RTM_GETNSID, NLM_F_REQUEST, &req).map_err(|e| Error::io("RTM_GETNSID", e))?;
-    let id = replies
-        .iter()
-        .filter(|(ty, body)| *ty == RTM_NEWNSID && body.len() >= 4)
-        .flat_map(|(_, body)| attrs(&body[4..]))
-        .find(|(ty, value)| *ty == NETNSA_NSID && value.len() >= 4)
-        .map(|(_, value)| i32::from_ne_bytes(value[..4].try_into().unwrap()));
-    // NETNSA_NSID_NOT_ASSIGNED is -1.
-    Ok(id.filter(|id| *id >= 0))
 }
 
 /// Program IDs of the cls_bpf filters on `ifindex`'s clsact hook, with their priority.

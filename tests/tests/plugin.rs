@@ -1,6 +1,11 @@
 //! The CNI plugin driven by a real CNI runtime (libcni) after the reference bridge/ptp
 //! plugins, with real traffic from pod namespaces; plus direct execs for the commands
 //! libcni 1.1.2 cannot drive (GC, STATUS at 1.1.0) and for malformed input.
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -9,11 +14,12 @@ use egress_deny_datapath::{
     rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
-    cni::{ALLOWED, CniNode, DENIED, Primary, entry_1_1, exec_plugin, hand_made_pod},
+    Netns,
+    cni::{ALLOWED, CniNode, DENIED, Primary},
     probe::{ping, udp_through},
     require_root, wait_until,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn deny(node: &CniNode, cidr: &str) -> Result<()> {
     RuleMaps::open(&node.pins.layout)?.insert(cidr.parse()?, Action::Deny)?;
@@ -262,6 +268,55 @@ fn excluded_namespaces_are_not_filtered() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     assert_eq!(udp_through(app.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
     Ok(())
+}
+
+/// Runs the plugin binary directly inside the node namespace.
+fn exec_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<(bool, Value)> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.node.path().display()))
+        .arg(node.bin_dir().join("egress-deny"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_PATH", node.bin_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(stdout.trim())?
+    };
+    Ok((out.status.success(), value))
+}
+
+fn entry_1_1(node: &CniNode, extra: Value) -> Value {
+    let mut conf = node.egress_deny_entry(extra);
+    conf["cniVersion"] = json!("1.1.0");
+    conf["name"] = json!("direct");
+    conf
+}
+
+/// A pod namespace with a veth whose host side is in the node namespace, made by hand.
+fn hand_made_pod(node: &CniNode) -> Result<(Netns, String)> {
+    let pod = Netns::new("edx")?;
+    let host = format!("vx{}", &pod.name[pod.name.len() - 6..]);
+    node.node.ip(&format!(
+        "link add {host} type veth peer name eth0 netns {}",
+        pod.name
+    ))?;
+    node.node.ip(&format!("link set {host} up"))?;
+    Ok((pod, host))
 }
 
 #[test]

@@ -77,7 +77,6 @@ fn main() -> Result<()> {
             ))?;
             node.ip(&format!("link set {host} up"))?;
             let mut add_conf = conf.clone();
-            add_conf["attachMode"] = json!(mode);
             add_conf["prevResult"] = json!({
                 "cniVersion": "1.0.0",
                 "interfaces": [{ "name": host }, { "name": "eth0", "sandbox": pod.path() }],
@@ -106,9 +105,7 @@ fn main() -> Result<()> {
                 ("CNI_PATH", "/usr/lib/cni"),
             ];
             let _guard = NetnsGuard::enter(&node.path())?;
-            let mut del_conf = conf.clone();
-            del_conf["attachMode"] = json!(mode);
-            del.push(exec(&env, &del_conf.to_string())?);
+            del.push(exec(&env, &conf.to_string())?);
         }
         add.sort_by(f64::total_cmp);
         del.sort_by(f64::total_cmp);
