@@ -3,6 +3,7 @@
 use egress_deny_datapath::{
     attach::{self, AttachMode, Hook},
     counters::CounterMap,
+    iface,
     records::AttachmentRecord,
 };
 
@@ -20,7 +21,13 @@ pub fn run(inv: &Invocation) -> Output {
         Some(r) => AttachMode::parse(&r.mode).unwrap_or(AttachMode::Tcx),
         None => AttachMode::Tcx,
     };
-    let host_ifname = record.as_ref().map(|r| r.host_ifname.as_str());
+    // A cls_bpf filter is found by interface name. Only touch the interface if it is
+    // still the one recorded: a new pod may reuse the name (Calico names veths by pod)
+    // and an old sandbox's late DEL must not strip its filter.
+    let host_ifname = record
+        .as_ref()
+        .filter(|r| iface::ifindex(&r.host_ifname).is_ok_and(|i| i == r.host_ifindex))
+        .map(|r| r.host_ifname.as_str());
     if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
         log::warn!("{}: detaching: {e}", inv.container_id);
     }

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use egress_deny_datapath::{
     attach::{self, AttachMode, Hook},
     counters::CounterMap,
+    iface,
     paths::{is_pod_link_name, pod_link_name},
     records::AttachmentRecord,
 };
@@ -35,7 +36,11 @@ pub fn run(inv: &Invocation) -> Output {
         }
         let link_pin = layout.pod_link(&record.container_id, &record.ifname);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
-        if let Err(e) = attach::detach(Some(&record.host_ifname), Hook::Ingress, &link_pin, mode) {
+        // As in DEL: a reused interface name belongs to another pod now.
+        let same_interface =
+            iface::ifindex(&record.host_ifname).is_ok_and(|i| i == record.host_ifindex);
+        let host_ifname = same_interface.then_some(record.host_ifname.as_str());
+        if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
             log::warn!("GC {}: {e}", record.container_id);
         }
         if let Some(counters) = counters.as_mut() {
