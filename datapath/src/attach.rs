@@ -5,23 +5,26 @@
 //!   attached; removing the pin detaches it. Re-attaching an existing pin to a newer
 //!   program is an atomic link update.
 //! - Netlink cls_bpf (older kernels, or forced): a direct-action filter on the clsact
-//!   qdisc with a fixed priority/handle, deliberately leaked so that it stays.
+//!   qdisc with a fixed priority/handle; it stays until deleted.
+//!
+//! Both open the pinned program with plain bpf(2) calls ([`crate::sys`]), not aya: the
+//! CNI plugin runs this per pod and must not load (probe) programs or create maps.
 use std::{
     fs, io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
-    links::{FdLink, PinnedLink},
-    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    SchedClassifier, TcAttachType,
+    tc::{SchedClassifierLink, TcHandle},
 };
 
 use crate::{
-    error::{Error, Result},
-    iface,
+    error::{Error, Result, missing_is_not_installed},
+    iface, netlink,
     paths::{PinLayout, ProgramKind},
+    sys,
 };
 
 /// Netlink filter identity: fixed so that a later call can find, replace or remove it.
@@ -133,151 +136,88 @@ pub fn pinned_program(layout: &PinLayout, kind: ProgramKind) -> Result<(SchedCla
     Ok((program, id))
 }
 
+/// The pinned program's fd and kernel ID, opened without aya (see [`crate::sys`]: no
+/// feature probing, so no probe programs loaded or maps created).
+pub fn pinned_program_fd(layout: &PinLayout, kind: ProgramKind) -> Result<(OwnedFd, u32)> {
+    let path = layout.program(kind);
+    let fd = sys::obj_get(&path).map_err(|e| missing_is_not_installed(&path, e))?;
+    let id = sys::prog_id(fd.as_fd())
+        .map_err(|e| Error::io(format!("reading program info of {}", path.display()), e))?;
+    Ok((fd, id))
+}
+
 /// Attaches (or re-attaches) the pinned program. Idempotent: an existing attachment of
 /// the current program is left as it is; one of an older program is moved atomically.
 /// On failure nothing new stays attached.
 pub fn attach(layout: &PinLayout, req: &AttachRequest<'_>) -> Result<Attachment> {
     let ifindex = iface::ifindex(req.ifname)?;
     let kind = iface::program_kind(req.ifname)?;
-    let (mut program, program_id) = pinned_program(layout, kind)?;
+    let (program, program_id) = pinned_program_fd(layout, kind)?;
+    let attached = Attachment {
+        ifindex,
+        kind,
+        mode: req.mode,
+        program_id,
+        link_id: 0,
+    };
     match req.mode {
-        AttachMode::Tcx => attach_tcx(&mut program, program_id, ifindex, kind, req),
-        AttachMode::Netlink => attach_netlink(&mut program, program_id, ifindex, kind, req),
+        AttachMode::Tcx => {
+            let link_id = attach_tcx(program.as_fd(), program_id, ifindex, req)?;
+            Ok(Attachment {
+                link_id,
+                ..attached
+            })
+        }
+        AttachMode::Netlink => {
+            netlink::add_clsact(ifindex)?;
+            // Create-or-replace with our fixed priority/handle: a re-ADD or an upgrade
+            // swaps the program in place. The filter outlives this process.
+            netlink::replace_bpf_filter(
+                ifindex,
+                req.hook,
+                NETLINK_PRIORITY,
+                NETLINK_HANDLE,
+                program.as_fd(),
+                kind.name(),
+            )?;
+            Ok(attached)
+        }
     }
 }
 
+/// Returns the link ID.
 fn attach_tcx(
-    program: &mut SchedClassifier,
+    program: BorrowedFd<'_>,
     program_id: u32,
     ifindex: u32,
-    kind: ProgramKind,
     req: &AttachRequest<'_>,
-) -> Result<Attachment> {
-    if let Some(info) = pinned_link_state(req.link_pin)? {
+) -> Result<u32> {
+    let pin = req.link_pin;
+    if let Some(info) = pinned_link_state(pin)? {
         if info.ifindex == ifindex && info.attach_type == tcx_attach_type(req.hook) {
             if info.prog_id != program_id {
                 // Same interface, older program: swap atomically, no gap.
-                let fd = open_link(req.link_pin)?.map(FdLink::from).ok_or_else(|| {
-                    Error::NotInstalled {
-                        path: req.link_pin.to_path_buf(),
-                    }
-                })?;
-                let link = SchedClassifierLink::try_from(fd)
-                    .map_err(|e| Error::link("converting TCX link", e))?;
-                let id = program
-                    .attach_to_link(link)
-                    .map_err(|e| Error::program(format!("updating link on {}", req.ifname), e))?;
-                // The pin still refers to the same link object; drop our handle only.
-                let link = program
-                    .take_link(id)
-                    .map_err(|e| Error::program("taking link", e))?;
-                std::mem::forget(link);
+                let link = sys::obj_get(pin)
+                    .map_err(|e| Error::io(format!("opening {}", pin.display()), e))?;
+                sys::link_update(link.as_fd(), program)
+                    .map_err(|e| Error::io(format!("updating the link on {}", req.ifname), e))?;
             }
-            return Ok(Attachment {
-                ifindex,
-                kind,
-                mode: AttachMode::Tcx,
-                program_id,
-                link_id: info.id,
-            });
+            return Ok(info.id);
         }
         // Pinned link of a vanished or different interface (a reused name): replace it.
-        remove_pin(req.link_pin)?;
+        remove_pin(pin)?;
     }
-    let id = program
-        .attach_with_options(
-            req.ifname,
-            req.hook.tc(),
-            TcAttachOptions::TcxOrder(LinkOrder::first()),
+    let link = sys::tcx_link_create(program, ifindex, tcx_attach_type(req.hook)).map_err(|e| {
+        Error::io(
+            format!("attaching to {} {}", req.ifname, req.hook.as_str()),
+            e,
         )
-        .map_err(|e| {
-            Error::program(
-                format!("attaching to {} {}", req.ifname, req.hook.as_str()),
-                e,
-            )
-        })?;
-    let link = program
-        .take_link(id)
-        .map_err(|e| Error::program("taking link", e))?;
-    let link = FdLink::try_from(link).map_err(|e| Error::link("TCX link", e))?;
-    let link_id = link
-        .info()
-        .map_err(|e| Error::link("reading link info", e))?
-        .id();
-    // If pinning fails the link is dropped here, which detaches it.
-    link.pin(req.link_pin).map_err(|e| Error::Pin {
-        path: req.link_pin.to_path_buf(),
-        source: Box::new(e),
     })?;
-    Ok(Attachment {
-        ifindex,
-        kind,
-        mode: AttachMode::Tcx,
-        program_id,
-        link_id,
-    })
-}
-
-fn attach_netlink(
-    program: &mut SchedClassifier,
-    program_id: u32,
-    ifindex: u32,
-    kind: ProgramKind,
-    req: &AttachRequest<'_>,
-) -> Result<Attachment> {
-    if let Err(e) = tc::qdisc_add_clsact(req.ifname) {
-        // EEXIST: the clsact qdisc is already there (ours or the primary CNI's).
-        if !is_errno(&e, libc::EEXIST) {
-            return Err(Error::program(
-                format!("adding clsact qdisc to {}", req.ifname),
-                aya::programs::ProgramError::from(e),
-            ));
-        }
-    }
-    let options = NlOptions {
-        priority: NETLINK_PRIORITY,
-        handle: TcHandle::from(NETLINK_HANDLE),
-        classid: None,
-    };
-    let id = match program.attach_with_options(
-        req.ifname,
-        req.hook.tc(),
-        TcAttachOptions::Netlink(options),
-    ) {
-        Ok(id) => id,
-        Err(e) if is_errno(&e, libc::EEXIST) => {
-            // Our filter is already there: replace it in place (atomic for packets).
-            let link = SchedClassifierLink::attached(
-                req.ifname,
-                req.hook.tc(),
-                NETLINK_PRIORITY,
-                TcHandle::from(NETLINK_HANDLE),
-                None,
-            )
-            .map_err(|e| Error::io(format!("interface {}", req.ifname), e))?;
-            program
-                .attach_to_link(link)
-                .map_err(|e| Error::program(format!("replacing filter on {}", req.ifname), e))?
-        }
-        Err(e) => {
-            return Err(Error::program(
-                format!("attaching to {} {}", req.ifname, req.hook.as_str()),
-                e,
-            ));
-        }
-    };
-    let link = program
-        .take_link(id)
-        .map_err(|e| Error::program("taking link", e))?;
-    // Dropping the link would remove the filter; it must outlive this process.
-    std::mem::forget(link);
-    Ok(Attachment {
-        ifindex,
-        kind,
-        mode: AttachMode::Netlink,
-        program_id,
-        link_id: 0,
-    })
+    let link_id = link_info(link.as_fd())?.id;
+    // If pinning fails the link's only fd closes here, which detaches it.
+    sys::obj_pin(link.as_fd(), pin)
+        .map_err(|e| Error::io(format!("pinning {}", pin.display()), e))?;
+    Ok(link_id)
 }
 
 /// Detaches. Already gone (pin, link, interface or filter) is success.
@@ -319,15 +259,6 @@ fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
-fn open_link(path: &Path) -> Result<Option<PinnedLink>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    PinnedLink::from_pin(path)
-        .map(Some)
-        .map_err(|e| Error::link(format!("opening {}", path.display()), e))
-}
-
 /// State of a pinned TCX link as the kernel reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkState {
@@ -340,36 +271,12 @@ pub struct LinkState {
 
 /// Reads a pinned TCX link; `None` when there is no pin.
 pub fn pinned_link_state(path: &Path) -> Result<Option<LinkState>> {
-    let fd = match obj_get(path) {
+    let fd = match sys::obj_get(path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
     };
     link_info(fd.as_fd()).map(Some)
-}
-
-/// BPF_OBJ_GET: an fd for any pinned object.
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // union bpf_attr for BPF_OBJ_GET: { pathname: u64, bpf_fd: u32, file_flags: u32 }.
-    let mut attr = [0u64; 16];
-    attr[0] = cpath.as_ptr() as u64;
-    // SAFETY: attr outlives the call; pathname is a valid C string.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }
 
 const BPF_TCX_INGRESS: u32 = 46;
@@ -385,36 +292,9 @@ pub fn tcx_attach_type(hook: Hook) -> u32 {
 /// BPF_OBJ_GET_INFO_BY_FD on a link. aya's LinkInfo does not expose the TCX ifindex
 /// (needed to tell a live link from one whose interface vanished).
 fn link_info(fd: BorrowedFd<'_>) -> Result<LinkState> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose tcx
-    // member is { ifindex, attach_type }. Larger-than-kernel buffers must be zeroed.
-    let mut info = [0u32; 64];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = [0u64; 16];
-    let req = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: attr is large enough and zeroed beyond the fields we set; the kernel
-    // writes at most info_len bytes into `info`.
-    let ret = unsafe {
-        std::ptr::write(attr.as_mut_ptr().cast::<InfoAttr>(), req);
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(Error::io("reading link info", io::Error::last_os_error()));
-    }
+    // member is { ifindex, attach_type }.
+    let info = sys::obj_info(fd).map_err(|e| Error::io("reading link info", e))?;
     Ok(LinkState {
         id: info[1],
         prog_id: info[2],

@@ -20,6 +20,7 @@ pub mod netns;
 pub mod paths;
 pub mod records;
 pub mod rules;
+pub mod sys;
 pub mod veth;
 
 pub use egress_deny_common as common;

@@ -16,7 +16,22 @@ const RTM_GETLINK: u16 = 18;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETTFILTER: u16 = 46;
 const RTM_NEWTFILTER: u16 = 44;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const RTM_NEWQDISC: u16 = 36;
+const NLA_F_NESTED: u16 = 0x8000;
+const TCA_BPF_FD: u16 = 6;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_FLAGS: u16 = 8;
+const TCA_BPF_FLAG_ACT_DIRECT: u32 = 1;
+const ETH_P_ALL: u16 = 0x0003;
 const NLM_F_DUMP: u16 = 0x300;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
@@ -90,17 +105,101 @@ pub fn link_details(ifname: &str) -> Result<LinkDetails> {
     Ok(details)
 }
 
-/// Program IDs of the cls_bpf filters on `ifindex`'s clsact hook, with their priority.
-pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)>> {
+/// The id the current thread's namespace uses for the namespace `ns` refers to (the
+/// ids `IFLA_LINK_NETNSID` reports); `None` when it has not assigned one.
+pub fn netns_id(ns: std::os::fd::BorrowedFd<'_>) -> Result<Option<i32>> {
+    // struct rtgenmsg { family u8 }, padded to 4 bytes, then NETNSA_FD.
+    let mut req = vec![0u8; 4];
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&ns) as u32;
+    push_attr(&mut req, NETNSA_FD, &fd.to_ne_bytes());
+    let replies =
+        request(RTM_GETNSID, NLM_F_REQUEST, &req).map_err(|e| Error::io("RTM_GETNSID", e))?;
+    let id = replies
+        .iter()
+        .filter(|(ty, body)| *ty == RTM_NEWNSID && body.len() >= 4)
+        .flat_map(|(_, body)| attrs(&body[4..]))
+        .find(|(ty, value)| *ty == NETNSA_NSID && value.len() >= 4)
+        .map(|(_, value)| i32::from_ne_bytes(value[..4].try_into().unwrap()));
+    // NETNSA_NSID_NOT_ASSIGNED is -1.
+    Ok(id.filter(|id| *id >= 0))
+}
+
+fn clsact_parent(hook: Hook) -> u32 {
     let minor = match hook {
         Hook::Ingress => TC_H_MIN_INGRESS,
         Hook::Egress => TC_H_MIN_EGRESS,
     };
-    let parent = (TC_H_CLSACT & 0xffff_0000) | (minor & 0x0000_ffff);
-    // struct tcmsg { family u8, pad u8, pad u16, ifindex i32, handle u32, parent u32, info u32 }
-    let mut req = vec![0u8; 20];
-    req[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    req[12..16].copy_from_slice(&parent.to_ne_bytes());
+    (TC_H_CLSACT & 0xffff_0000) | (minor & 0x0000_ffff)
+}
+
+/// struct tcmsg { family u8, pad u8, pad u16, ifindex i32, handle u32, parent u32, info u32 }
+fn tcmsg(ifindex: u32, handle: u32, parent: u32, info: u32) -> Vec<u8> {
+    let mut msg = vec![0u8; 20];
+    msg[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg[8..12].copy_from_slice(&handle.to_ne_bytes());
+    msg[12..16].copy_from_slice(&parent.to_ne_bytes());
+    msg[16..20].copy_from_slice(&info.to_ne_bytes());
+    msg
+}
+
+/// Adds the clsact qdisc to `ifindex`; already there (ours or another CNI's) is fine.
+pub fn add_clsact(ifindex: u32) -> Result<()> {
+    let mut req = tcmsg(ifindex, TC_H_CLSACT & 0xffff_0000, TC_H_CLSACT, 0);
+    push_attr(&mut req, TCA_KIND, b"clsact\0");
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    match request(RTM_NEWQDISC, flags, &req) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+            Err(Error::NoSuchInterface(format!("ifindex {ifindex}")))
+        }
+        Err(e) => Err(Error::io(format!("adding clsact to ifindex {ifindex}"), e)),
+    }
+}
+
+/// Creates the direct-action cls_bpf filter (priority, handle) running `prog` on the
+/// clsact hook, or replaces the program of the one already there in place (atomic for
+/// packets). The filter stays until deleted: it does not depend on this process.
+pub fn replace_bpf_filter(
+    ifindex: u32,
+    hook: Hook,
+    priority: u16,
+    handle: u32,
+    prog: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+) -> Result<()> {
+    let info = (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be());
+    let mut req = tcmsg(ifindex, handle, clsact_parent(hook), info);
+    push_attr(&mut req, TCA_KIND, b"bpf\0");
+    let mut options = Vec::new();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&prog) as u32;
+    push_attr(&mut options, TCA_BPF_FD, &fd.to_ne_bytes());
+    push_attr(&mut options, TCA_BPF_NAME, &nul_terminated(name));
+    push_attr(
+        &mut options,
+        TCA_BPF_FLAGS,
+        &TCA_BPF_FLAG_ACT_DIRECT.to_ne_bytes(),
+    );
+    push_attr(&mut req, TCA_OPTIONS | NLA_F_NESTED, &options);
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    request(RTM_NEWTFILTER, flags, &req).map(drop).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            Error::NoSuchInterface(format!("ifindex {ifindex}"))
+        } else {
+            Error::io(
+                format!(
+                    "adding the bpf filter to ifindex {ifindex} {}",
+                    hook.as_str()
+                ),
+                e,
+            )
+        }
+    })
+}
+
+/// Program IDs of the cls_bpf filters on `ifindex`'s clsact hook, with their priority.
+pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)>> {
+    let req = tcmsg(ifindex, 0, clsact_parent(hook), 0);
     let replies = match request(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, &req) {
         Ok(replies) => replies,
         // No clsact qdisc (or no such device): no filters.

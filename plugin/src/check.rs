@@ -39,7 +39,7 @@ pub fn run(inv: &Invocation) -> Output {
     }
     let kind = iface::program_kind(&veth.ifname)
         .map_err(|e| PluginError::datapath("interface type", e))?;
-    let (_, expected) = attach::pinned_program(&layout, kind)
+    let (_, expected) = attach::pinned_program_fd(&layout, kind)
         .map_err(|e| PluginError::datapath("pinned program", e))?;
 
     match AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx) {

@@ -3,11 +3,10 @@
 use egress_deny_datapath::{
     attach::{self, AttachMode, Hook},
     counters::CounterMap,
-    iface,
     records::AttachmentRecord,
 };
 
-use crate::{Output, skel::Invocation};
+use crate::{Output, pod, skel::Invocation};
 
 pub fn run(inv: &Invocation) -> Output {
     let conf = inv.config();
@@ -21,13 +20,7 @@ pub fn run(inv: &Invocation) -> Output {
         Some(r) => AttachMode::parse(&r.mode).unwrap_or(AttachMode::Tcx),
         None => AttachMode::Tcx,
     };
-    // A cls_bpf filter is found by interface name. Only touch the interface if it is
-    // still the one recorded: a new pod may reuse the name (Calico names veths by pod)
-    // and an old sandbox's late DEL must not strip its filter.
-    let host_ifname = record
-        .as_ref()
-        .filter(|r| iface::ifindex(&r.host_ifname).is_ok_and(|i| i == r.host_ifindex))
-        .map(|r| r.host_ifname.as_str());
+    let host_ifname = record.as_ref().and_then(pod::recorded_host_ifname);
     if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
         log::warn!("{}: detaching: {e}", inv.container_id);
     }

@@ -66,10 +66,12 @@ impl PluginError {
         }
     }
 
-    /// The spec's error result. `cniVersion` is the highest we support when the
-    /// configuration could not be read.
+    /// The spec's error result, in the request's cniVersion; the highest we support
+    /// when the configuration could not be read or asked for a version we lack.
     pub fn to_cni_json(&self) -> String {
-        let version = crate::skel::requested_version().unwrap_or(crate::version::LATEST);
+        let version = crate::skel::requested_version()
+            .filter(|v| crate::version::SUPPORTED.contains(v))
+            .unwrap_or(crate::version::LATEST);
         let (msg, details) = match self {
             PluginError::Datapath { context, source } => (context.clone(), source.to_string()),
             other => (other.to_string(), String::new()),

@@ -5,12 +5,11 @@ use std::collections::HashSet;
 use egress_deny_datapath::{
     attach::{self, AttachMode, Hook},
     counters::CounterMap,
-    iface,
     paths::{is_pod_link_name, pod_link_name},
     records::AttachmentRecord,
 };
 
-use crate::{Output, error::PluginError, skel::Invocation};
+use crate::{Output, error::PluginError, pod, skel::Invocation};
 
 pub fn run(inv: &Invocation) -> Output {
     let conf = inv.config();
@@ -36,10 +35,7 @@ pub fn run(inv: &Invocation) -> Output {
         }
         let link_pin = layout.pod_link(&record.container_id, &record.ifname);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
-        // As in DEL: a reused interface name belongs to another pod now.
-        let same_interface =
-            iface::ifindex(&record.host_ifname).is_ok_and(|i| i == record.host_ifindex);
-        let host_ifname = same_interface.then_some(record.host_ifname.as_str());
+        let host_ifname = pod::recorded_host_ifname(&record);
         if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {
             log::warn!("GC {}: {e}", record.container_id);
         }

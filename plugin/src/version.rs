@@ -11,13 +11,16 @@ pub const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const LATEST: &str = "1.1.0";
 
 pub fn run(inv: &Invocation) -> Output {
-    let requested = inv
+    // Answer in the caller's version when we speak it; otherwise in ours, so that a
+    // runtime asking with a version we lack still learns what we support.
+    let version = inv
         .raw
         .get("cniVersion")
         .and_then(|v| v.as_str())
+        .filter(|v| SUPPORTED.contains(v))
         .unwrap_or(LATEST);
     Ok(Some(
-        json!({ "cniVersion": requested, "supportedVersions": SUPPORTED }).to_string(),
+        json!({ "cniVersion": version, "supportedVersions": SUPPORTED }).to_string(),
     ))
 }
 

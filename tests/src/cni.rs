@@ -3,8 +3,9 @@
 //! bridge/ptp + host-local from containernetworking-plugins, then egress-deny — and a
 //! "server" namespace behind it that answers on a denied and an allowed address.
 use std::{
+    io::Write,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     sync::OnceLock,
 };
 
@@ -318,4 +319,100 @@ impl Pod<'_> {
             &path,
         )?)
     }
+}
+
+/// What a direct exec of the plugin produced.
+#[derive(Debug)]
+pub struct PluginRun {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the plugin binary directly inside the node namespace, as a runtime would (for
+/// what libcni 1.1.2 cannot drive: GC, STATUS, 1.1.0, malformed input), with only the
+/// given environment (plus PATH and CNI_PATH).
+pub fn run_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<PluginRun> {
+    run_plugin_under(node, &[], env, stdin)
+}
+
+/// [`run_plugin`] under a wrapper command (e.g. strace).
+pub fn run_plugin_under(
+    node: &CniNode,
+    wrapper: &[&str],
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> Result<PluginRun> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.node.path().display()))
+        .args(wrapper)
+        .arg(node.bin_dir().join("egress-deny"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_PATH", node.bin_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(PluginRun {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// [`run_plugin`], returning (success, stdout parsed as JSON or Null when empty).
+pub fn exec_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<(bool, Value)> {
+    let run = run_plugin(node, env, stdin)?;
+    let value = if run.stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(run.stdout.trim())
+            .with_context(|| format!("stdout is not one JSON document: {:?}", run.stdout))?
+    };
+    Ok((run.ok, value))
+}
+
+/// The plugin's entry alone as a 1.1.0 network configuration (for direct execs).
+pub fn entry_1_1(node: &CniNode, extra: Value) -> Value {
+    let mut conf = node.egress_deny_entry(extra);
+    conf["cniVersion"] = json!("1.1.0");
+    conf["name"] = json!("direct");
+    conf
+}
+
+/// A pod namespace with a veth whose host side is in the node namespace, made by hand.
+pub fn hand_made_pod(node: &CniNode) -> Result<(Netns, String)> {
+    let pod = Netns::new("edx")?;
+    let host = format!("vx{}", &pod.name[pod.name.len() - 6..]);
+    node.node.ip(&format!(
+        "link add {host} type veth peer name eth0 netns {}",
+        pod.name
+    ))?;
+    node.node.ip(&format!("link set {host} up"))?;
+    Ok((pod, host))
+}
+
+/// The programs on `ifname`'s tc ingress inside the node namespace: (TCX program IDs,
+/// cls_bpf program IDs). Proves what is attached independently of pins and records.
+pub fn ingress_programs(node: &CniNode, ifname: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    use egress_deny_datapath::{attach::Hook, iface, netlink, netns::NetnsGuard};
+    let _guard = NetnsGuard::enter(&node.node.path())?;
+    let (_, tcx) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)?;
+    let tcx = tcx.iter().map(|p| p.id()).collect();
+    let cls = netlink::bpf_filter_program_ids(iface::ifindex(ifname)?, Hook::Ingress)?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    Ok((tcx, cls))
 }

@@ -1,11 +1,6 @@
 //! The CNI plugin driven by a real CNI runtime (libcni) after the reference bridge/ptp
 //! plugins, with real traffic from pod namespaces; plus direct execs for the commands
 //! libcni 1.1.2 cannot drive (GC, STATUS at 1.1.0) and for malformed input.
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
-
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -14,12 +9,11 @@ use egress_deny_datapath::{
     rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
-    Netns,
-    cni::{ALLOWED, CniNode, DENIED, Primary},
+    cni::{ALLOWED, CniNode, DENIED, Primary, entry_1_1, exec_plugin, hand_made_pod},
     probe::{ping, udp_through},
     require_root, wait_until,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn deny(node: &CniNode, cidr: &str) -> Result<()> {
     RuleMaps::open(&node.pins.layout)?.insert(cidr.parse()?, Action::Deny)?;
@@ -270,55 +264,6 @@ fn excluded_namespaces_are_not_filtered() -> Result<()> {
     Ok(())
 }
 
-/// Runs the plugin binary directly inside the node namespace.
-fn exec_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<(bool, Value)> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", node.node.path().display()))
-        .arg(node.bin_dir().join("egress-deny"))
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_PATH", node.bin_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value = if stdout.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(stdout.trim())?
-    };
-    Ok((out.status.success(), value))
-}
-
-fn entry_1_1(node: &CniNode, extra: Value) -> Value {
-    let mut conf = node.egress_deny_entry(extra);
-    conf["cniVersion"] = json!("1.1.0");
-    conf["name"] = json!("direct");
-    conf
-}
-
-/// A pod namespace with a veth whose host side is in the node namespace, made by hand.
-fn hand_made_pod(node: &CniNode) -> Result<(Netns, String)> {
-    let pod = Netns::new("edx")?;
-    let host = format!("vx{}", &pod.name[pod.name.len() - 6..]);
-    node.node.ip(&format!(
-        "link add {host} type veth peer name eth0 netns {}",
-        pod.name
-    ))?;
-    node.node.ip(&format!("link set {host} up"))?;
-    Ok((pod, host))
-}
-
 #[test]
 fn direct_exec_1_1_0_add_passes_prev_result_through_unchanged() -> Result<()> {
     require_root();
@@ -412,9 +357,16 @@ fn direct_exec_status_version_and_malformed_input() -> Result<()> {
     old["cniVersion"] = json!("1.0.0");
     let mut future = conf.clone();
     future["cniVersion"] = json!("9.9.9");
+    let mut bad_policy = conf.clone();
+    bad_policy["failurePolicy"] = json!("sometimes");
+    let mut bad_mode = conf.clone();
+    bad_mode["attachMode"] = json!("xdp");
     type ErrorCase<'a> = (Vec<(&'a str, &'a str)>, String, u64);
     let cases: Vec<ErrorCase> = vec![
         (vec![("CNI_COMMAND", "FROB")], conf.to_string(), 4),
+        (vec![("CNI_COMMAND", "STATUS")], bad_policy.to_string(), 7),
+        (vec![("CNI_COMMAND", "STATUS")], bad_mode.to_string(), 7),
+        (vec![("CNI_COMMAND", "STATUS")], String::new(), 6),
         (vec![], conf.to_string(), 4),
         (vec![("CNI_COMMAND", "STATUS")], future.to_string(), 1),
         (vec![("CNI_COMMAND", "STATUS")], old.to_string(), 1),

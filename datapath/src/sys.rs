@@ -1,0 +1,116 @@
+//! The few bpf(2) commands attaching needs, as plain syscalls. Opening a pinned program
+//! through aya runs its feature detection, which loads and verifies probe programs and
+//! creates probe maps: work the CNI plugin must not do per pod (it only attaches what
+//! the installer pinned), and time it should not spend on every ADD.
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// TCX ordering: before `relative_fd`, which 0 makes "before everything".
+const BPF_F_BEFORE: u32 = 1 << 3;
+
+/// `union bpf_attr` as 128 zeroed bytes; each command reads its own leading fields and
+/// the kernel requires anything past what it knows to be zero.
+type Attr = [u64; 16];
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
+    // SAFETY: attr is a valid, writable, correctly sized bpf_attr for the duration of
+    // the call; the pointers stored in it are kept alive by the callers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as u32,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn fd_from(ret: i64) -> OwnedFd {
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Sets the u32 at byte offset `4 * index` of the attr (native byte order, like the
+/// kernel's struct layout).
+fn set_u32(attr: &mut Attr, index: usize, value: u32) {
+    let word = &mut attr[index / 2];
+    let mut bytes = word.to_ne_bytes();
+    let at = (index % 2) * 4;
+    bytes[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+    *word = u64::from_ne_bytes(bytes);
+}
+
+/// BPF_OBJ_GET: an fd for a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let cpath = c_path(path)?;
+    let mut attr: Attr = [0; 16];
+    attr[0] = cpath.as_ptr() as u64; // pathname
+    bpf(BPF_OBJ_GET, &mut attr).map(fd_from)
+}
+
+/// BPF_OBJ_PIN: pins `fd` at `path` (which must not exist).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let cpath = c_path(path)?;
+    let mut attr: Attr = [0; 16];
+    attr[0] = cpath.as_ptr() as u64; // pathname
+    set_u32(&mut attr, 2, fd.as_raw_fd() as u32); // bpf_fd
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer of u32 words (program, map or link info).
+pub fn obj_info(fd: BorrowedFd<'_>) -> io::Result<[u32; 64]> {
+    let mut info = [0u32; 64];
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, fd.as_raw_fd() as u32); // bpf_fd
+    set_u32(&mut attr, 1, std::mem::size_of_val(&info) as u32); // info_len
+    attr[1] = info.as_mut_ptr() as u64; // info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// The kernel ID of a program (`struct bpf_prog_info`: type, id, …).
+pub fn prog_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(obj_info(fd)?[1])
+}
+
+/// BPF_LINK_CREATE for TCX: attaches `prog` to `ifindex` ahead of any other program.
+/// The link lives as long as the returned fd or a pin of it.
+pub fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, prog.as_raw_fd() as u32); // prog_fd
+    set_u32(&mut attr, 1, ifindex); // target_ifindex
+    set_u32(&mut attr, 2, attach_type); // attach_type
+    set_u32(&mut attr, 3, BPF_F_BEFORE); // flags; tcx.relative_fd (word 4) = 0
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
+}
+
+/// BPF_LINK_UPDATE: the link runs `prog` from now on (atomic for packets).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, link.as_raw_fd() as u32); // link_fd
+    set_u32(&mut attr, 1, prog.as_raw_fd() as u32); // new_prog_fd
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
