@@ -53,13 +53,22 @@ if ! command -v bpf-linker >/dev/null 2>&1 || [[ ! -e "$stamp" ]]; then
   touch "$stamp"
 fi
 
-# Manifest validation (offline Kubernetes schemas, security scan) in a private venv.
+# --- packaging tests (tests/tests/packaging.rs): manifest validation -------------------
+# Offline Kubernetes schemas and a security scan, in a private venv. Pinned: a new
+# checkov release adds checks, a new kubernetes-validate a new default Kubernetes version;
+# bump them deliberately. `kubectl kustomize` renders the kustomizations: kubectl comes
+# with this machine kind (Debian's kubernetes-client 1.20 is too old for `patches`).
 VENV=/opt/egress-deny-venv
-if [[ ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/checkov ]]; then
-  log "installing kubernetes-validate and checkov into $VENV"
+VENV_PKGS=(kubernetes-validate==1.37.0 checkov==3.3.30)
+VENV_STAMP="$VENV/.egress-deny-$(echo "${VENV_PKGS[*]}" | tr ' =' '_-')"
+if [[ ! -e $VENV_STAMP || ! -x $VENV/bin/kubernetes-validate || ! -x $VENV/bin/checkov ]]; then
+  log "installing ${VENV_PKGS[*]} into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate checkov >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${VENV_PKGS[@]}" >&2
+  touch "$VENV_STAMP"
 fi
+command -v kubectl >/dev/null 2>&1 || log "WARNING: kubectl missing: the packaging tests render kustomizations with it"
+# --- end packaging tests ----------------------------------------------------------------
 
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
