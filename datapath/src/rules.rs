@@ -1,6 +1,9 @@
 //! The pinned rule tries: one LPM trie per family holding deny rules and `!` allow
 //! exceptions. The longest matching prefix decides.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::ControlFlow,
+};
 
 use aya::maps::{
     Map, MapData, MapError,
@@ -180,19 +183,30 @@ impl RuleMaps {
         absent_is_ok(self.v6.remove(&Key::new(u32::from(prefix_len), octets)))
     }
 
-    /// Walks the IPv4 trie without materialising `IpNet`s (millions of entries).
-    pub fn for_each_v4(&self, mut f: impl FnMut([u8; 4], u8, Action)) -> Result<()> {
+    /// Walks the IPv4 trie without materialising `IpNet`s (millions of entries) until
+    /// `f` breaks.
+    pub fn for_each_v4(
+        &self,
+        mut f: impl FnMut([u8; 4], u8, Action) -> ControlFlow<()>,
+    ) -> Result<()> {
         for item in self.v4.iter() {
             let (key, value) = item.map_err(|e| Error::map("walking v4_rules", e))?;
-            f(key.data(), key.prefix_len() as u8, Action::of(&value));
+            if f(key.data(), key.prefix_len() as u8, Action::of(&value)).is_break() {
+                break;
+            }
         }
         Ok(())
     }
 
-    pub fn for_each_v6(&self, mut f: impl FnMut([u8; 16], u8, Action)) -> Result<()> {
+    pub fn for_each_v6(
+        &self,
+        mut f: impl FnMut([u8; 16], u8, Action) -> ControlFlow<()>,
+    ) -> Result<()> {
         for item in self.v6.iter() {
             let (key, value) = item.map_err(|e| Error::map("walking v6_rules", e))?;
-            f(key.data(), key.prefix_len() as u8, Action::of(&value));
+            if f(key.data(), key.prefix_len() as u8, Action::of(&value)).is_break() {
+                break;
+            }
         }
         Ok(())
     }
@@ -241,4 +255,19 @@ fn not_found_is_none(res: std::result::Result<RuleValue, MapError>) -> Result<Op
         }
         Err(e) => Err(Error::map("looking up a rule", e)),
     }
+}
+
+/// Kernel IDs of the pinned (IPv4, IPv6) rule maps: a replaced map gets a new ID, so
+/// the installer can tell whether what it recorded about the maps still applies.
+pub fn rule_map_ids(layout: &PinLayout) -> Result<(u32, u32)> {
+    let id = |name: &str| -> Result<u32> {
+        let path = layout.map(name);
+        aya::maps::MapInfo::from_pin(&path)
+            .map(|info| info.id())
+            .map_err(|e| match e {
+                MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
+                other => Error::map(format!("reading {}", path.display()), other),
+            })
+    };
+    Ok((id(V4_RULES_MAP)?, id(V6_RULES_MAP)?))
 }

@@ -1,7 +1,13 @@
 //! `run`: the per-node daemon. Loads and pins the datapath, installs the plugin and its
 //! conflist entry, filters the host's uplinks, and keeps the maps in sync with the rules
 //! directory. On SIGTERM it exits and leaves enforcement in place.
+//!
+//! Threads: the main one syncs rules (seconds for millions of rules); `node` keeps the
+//! conflist entry, host interfaces and pod repairs; `inotify` feeds both; `http` serves
+//! the endpoints; `signals` stops everything.
 use std::{
+    collections::HashSet,
+    io,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -9,38 +15,40 @@ use std::{
         mpsc::{self, RecvTimeoutError, Sender},
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
     events::{self, EventReader},
+    iface,
     loader::{self, MapOutcome},
     paths::{PinLayout, StateLayout, host_link_ifname},
     records::AttachmentRecord,
 };
+use ipnet::IpNet;
 
 use crate::{
     cli::RunArgs,
     conflist::{self, ConflistError, Ensured},
     metrics, node, repair,
-    rules::{self, RuleSet},
+    rules::{self, Fingerprint, RuleSet, RulesError},
     status::{DaemonStatus, RuleCounts, SyncStatus, now},
-    sync::{self, Syncer},
+    sync::{self, Baseline, SyncError, Syncer},
 };
 
 pub const PLUGIN_NAME: &str = "egress-deny";
-/// Quiet time after the last change before a rules sync (kubelet swaps in one rename,
-/// editors write in bursts).
-const RULES_DEBOUNCE: Duration = Duration::from_millis(20);
+/// Quiet time after the last change before a rules sync: kubelet's update (new data
+/// dir, `..data` swap, new and removed key symlinks) is a burst of a few operations
+/// within a millisecond; a spurious sync in the middle only costs a metadata check.
+const RULES_DEBOUNCE: Duration = Duration::from_millis(10);
 const CONF_DEBOUNCE: Duration = Duration::from_millis(50);
 /// Safety net for missed notifications, host-interface changes and late conflists.
 const TICK: Duration = Duration::from_secs(2);
 
 enum Event {
-    Rules,
-    Conf,
+    Changed,
     Stop,
 }
 
@@ -58,6 +66,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let state = StateLayout::new(&args.state.state_dir);
     std::fs::create_dir_all(state.attachments_dir())
         .with_context(|| format!("creating {}", state.attachments_dir().display()))?;
+    // Set by SIGTERM: long parses, walks and map updates stop between two operations
+    // (every intermediate state of an update is safe to leave behind, see `plan`).
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (rules_tx, rules_rx) = mpsc::channel();
+    stop_on_signals(rules_tx.clone(), Arc::clone(&cancel))?;
 
     let report = loader::load_and_pin(&layout).context("loading and pinning the eBPF datapath")?;
     for (name, outcome) in &report.maps {
@@ -77,7 +90,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         report.programs
     );
     events::set_events_per_second(&layout, args.deny_events_per_second)?;
-    move_pod_attachments_to_current_program(&layout, &state);
+    move_attachments_to_current_program(&layout, &state);
 
     let plugin_source = match &args.plugin_binary {
         Some(path) => path.clone(),
@@ -107,43 +120,56 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
     }
 
+    let previous = DaemonStatus::load(&args.state.state_dir).unwrap_or_default();
+    let syncer =
+        Syncer::open(&layout, previous.enforced.clone()).context("opening the rule maps")?;
+    match syncer.recorded() {
+        Some(r) => log::info!(
+            "the previous daemon enforced IPv4 {} deny / {} allow, IPv6 {} deny / {} allow; they stay enforced until the rules are synced",
+            r.rules.v4_deny,
+            r.rules.v4_allow,
+            r.rules.v6_deny,
+            r.rules.v6_allow
+        ),
+        None if syncer.maps_hold_rules() => log::info!(
+            "the pinned maps hold rules from before; they stay enforced until the rules are synced"
+        ),
+        None => {}
+    }
     let shared = Arc::new(Shared {
         layout: layout.clone(),
         state: state.clone(),
         conf_dir: args.cni.cni_conf_dir.clone(),
-        status: Mutex::new(DaemonStatus::load(&args.state.state_dir).unwrap_or_default()),
+        status: Mutex::new(previous),
         synced_once: AtomicBool::new(false),
     });
-    let mut syncer = Syncer::open(&layout).context("opening the rule maps")?;
-    let enforced = syncer.enforced().counts();
-    if enforced.v4_deny + enforced.v6_deny > 0 {
-        log::info!("found enforced rules from before: {enforced}");
+
+    let (conf_tx, conf_rx) = mpsc::channel();
+    metrics::serve(args.listen, Arc::clone(&shared))?;
+    watch(&args.rules_dir, &args.cni.cni_conf_dir, rules_tx, conf_tx)?;
+    log_deny_events(layout.clone(), state.clone());
+    // The node side (conflist, host interfaces, repair) on its own thread: a sync of
+    // millions of rules takes seconds, the conflist must be repaired within one.
+    {
+        let (args, shared) = (args.clone(), Arc::clone(&shared));
+        thread::Builder::new()
+            .name("node".into())
+            .spawn(move || node_loop(&args, &shared, conf_rx))?;
     }
 
-    let (tx, rx) = mpsc::channel();
-    metrics::serve(args.listen, Arc::clone(&shared))?;
-    watch(&args.rules_dir, &args.cni.cni_conf_dir, tx.clone())?;
-    stop_on_signals(tx.clone())?;
-    log_deny_events(layout.clone(), state.clone());
-
-    sync_rules(args, &mut syncer, &shared);
-    ensure_conflist(args, &shared);
-    repair::repair_from_cache(&layout, &state, &args.cni_cache_dir);
-    let mut host_links = attach_host_interfaces(args, &layout, &[]);
-    shared.status.lock().expect("status").host_interfaces = host_links.clone();
-
+    let mut rules = RulesSync {
+        syncer,
+        seen: None,
+        cancel,
+        said_empty: false,
+    };
+    rules.sync(args, &shared);
     let mut rules_due: Option<Instant> = None;
-    let mut conf_due: Option<Instant> = None;
     let mut next_tick = Instant::now() + TICK;
     loop {
-        let next = [rules_due, conf_due, Some(next_tick)]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("tick");
-        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Ok(Event::Rules) => rules_due = Some(Instant::now() + RULES_DEBOUNCE),
-            Ok(Event::Conf) => conf_due = Some(Instant::now() + CONF_DEBOUNCE),
+        let next = rules_due.map_or(next_tick, |due| due.min(next_tick));
+        match rules_rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(Event::Changed) => rules_due = Some(Instant::now() + RULES_DEBOUNCE),
             Ok(Event::Stop) => {
                 log::info!("stopping; enforcement stays in place (use `uninstall` to remove it)");
                 return Ok(());
@@ -154,106 +180,270 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let now = Instant::now();
         if rules_due.is_some_and(|due| now >= due) {
             rules_due = None;
-            sync_rules(args, &mut syncer, &shared);
-        }
-        if conf_due.is_some_and(|due| now >= due) {
-            conf_due = None;
-            ensure_conflist(args, &shared);
+            rules.sync(args, &shared);
         }
         if now >= next_tick {
+            // Safety net for missed notifications and for changed protections (default
+            // gateways): only metadata is compared unless something changed.
             next_tick = now + TICK;
-            ensure_conflist(args, &shared);
-            host_links = attach_host_interfaces(args, &layout, &host_links);
-            repair::clean_up_vanished(&layout, &state);
-            repair::repair_from_cache(&layout, &state, &args.cni_cache_dir);
-            shared.status.lock().expect("status").host_interfaces = host_links.clone();
-            if !shared.synced_once.load(Ordering::Relaxed)
-                || rules_dir_appeared(&args.rules_dir, &shared)
-            {
-                sync_rules(args, &mut syncer, &shared);
-            }
+            rules.sync(args, &shared);
         }
     }
 }
 
-/// A rules directory that did not exist at start may appear later (the volume mounts).
-fn rules_dir_appeared(dir: &Path, shared: &Shared) -> bool {
-    let status = shared.status.lock().expect("status");
-    dir.exists()
-        && status.last_sync.as_ref().is_some_and(|s| s.files == 0)
-        && rules::rule_files(dir)
-            .map(|f| !f.is_empty())
-            .unwrap_or(false)
+/// What a parse saw, to skip the next one when nothing changed.
+struct Seen {
+    fingerprint: Option<Fingerprint>,
+    protections: Vec<(IpNet, String)>,
+    parsed_at: SystemTime,
 }
 
-fn sync_rules(args: &RunArgs, syncer: &mut Syncer, shared: &Shared) {
-    let started = Instant::now();
-    let outcome = (|| -> Result<(usize, usize, RuleSet)> {
-        let parsed = rules::parse_dir(&args.rules_dir)?;
-        if parsed.dir_missing {
+struct RulesSync {
+    syncer: Syncer,
+    seen: Option<Seen>,
+    cancel: Arc<AtomicBool>,
+    said_empty: bool,
+}
+
+/// Why a sync did not apply.
+enum Rejected {
+    /// The files say something wrong: reading them again changes nothing.
+    Content(String),
+    /// Worth retrying (I/O, map errors).
+    Transient(String),
+    Interrupted,
+}
+
+impl RulesSync {
+    /// Reads the rules directory and applies it, unless neither the files nor the
+    /// protected destinations changed since the last parse.
+    fn sync(&mut self, args: &RunArgs, shared: &Shared) {
+        let started = Instant::now();
+        let parsed_at = SystemTime::now();
+        let files = match rules::rule_files(&args.rules_dir) {
+            Ok(files) => Some(files),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                let why = format!("reading {}: {e}", args.rules_dir.display());
+                self.finish(args, shared, started, Err(Rejected::Transient(why)));
+                return;
+            }
+        };
+        let fingerprint = files.as_deref().and_then(|f| Fingerprint::of(f).ok());
+        let protections = sync::protected(&args.protect.0);
+        if let Some(seen) = &self.seen
+            && seen.protections == protections
+            && match (&fingerprint, &seen.fingerprint) {
+                (Some(now), Some(then)) => now.seen_by_parse_at(then, seen.parsed_at),
+                (None, None) => files.is_none(),
+                _ => false,
+            }
+        {
+            return;
+        }
+        let outcome = self.parse_and_apply(args, shared, files.as_deref(), &protections);
+        self.seen = match &outcome {
+            Ok(_) | Err(Rejected::Content(_)) => Some(Seen {
+                fingerprint,
+                protections,
+                parsed_at,
+            }),
+            Err(_) => None,
+        };
+        self.finish(args, shared, started, outcome);
+    }
+
+    fn parse_and_apply(
+        &mut self,
+        args: &RunArgs,
+        shared: &Shared,
+        files: Option<&[PathBuf]>,
+        protections: &[(IpNet, String)],
+    ) -> Result<(usize, usize, usize), Rejected> {
+        let cancel = &*self.cancel;
+        let parsed = match files {
+            // A volume not mounted (yet), or a wrong --rules-dir: never taken as "no
+            // rules". What is enforced stays; with nothing enforced yet the node stays
+            // not ready and ADD keeps retrying pods (fail closed). An existing empty
+            // directory is the way to say "no rules".
+            None => {
+                return Err(Rejected::Content(format!(
+                    "rules directory {} does not exist (volume not mounted or wrong --rules-dir); {}",
+                    args.rules_dir.display(),
+                    if self.syncer.maps_hold_rules() {
+                        "the rules enforced before stay"
+                    } else {
+                        "no valid rule set yet: pods wait"
+                    }
+                )));
+            }
+            Some(files) => rules::parse_files(files, cancel).map_err(|e| match e {
+                RulesError::Interrupted => Rejected::Interrupted,
+                e if e.is_about_content() => Rejected::Content(e.to_string()),
+                e => Rejected::Transient(e.to_string()),
+            })?,
+        };
+        // Said once per transition: the tick re-syncs when gateways change, and an
+        // empty list is a valid (if unusual) state, not news every two seconds.
+        let empty = files.is_some_and(|f| f.is_empty());
+        if empty && !self.said_empty {
             log::warn!(
-                "rules directory {} does not exist: empty rule set",
-                args.rules_dir.display()
-            );
-        } else if parsed.rules.len() == 0 {
-            log::warn!(
-                "rules directory {} holds no rules",
+                "rules directory {} holds no rule files: no rules to enforce",
                 args.rules_dir.display()
             );
         }
-        let mut rules = parsed.rules;
-        for warning in sync::add_protections(&mut rules, &sync::protected(&args.protect.0)) {
+        self.said_empty = empty;
+        let (files, lines) = (parsed.files, parsed.lines);
+        let mut set = parsed.rules;
+        for warning in sync::add_protections(&mut set, protections) {
             log::warn!("{warning}");
         }
-        let ops = syncer.apply(rules.clone())?;
-        Ok((ops, parsed.files, rules))
-    })();
-    let elapsed = started.elapsed();
-    let counts = syncer.enforced().counts();
-    let rule_counts = RuleCounts {
-        v4_deny: counts.v4_deny,
-        v4_allow: counts.v4_allow,
-        v6_deny: counts.v6_deny,
-        v6_allow: counts.v6_allow,
-    };
-    let mut status = shared.status.lock().expect("status");
-    let (ok, error, operations, files) = match outcome {
-        Ok((ops, files, _)) => {
-            log::info!(
-                "rules synced in {} ms: {counts} ({ops} map operations, {files} files)",
-                elapsed.as_millis()
-            );
-            status.last_success = now();
-            shared.synced_once.store(true, Ordering::Relaxed);
-            if let Err(e) = events::mark_rules_loaded(&shared.layout) {
-                log::error!("marking the rules loaded: {e}");
+        let map_error = |e: SyncError| match e {
+            SyncError::Interrupted => Rejected::Interrupted,
+            e => Rejected::Transient(format!("{e:#}")),
+        };
+        match self
+            .syncer
+            .learn_baseline(&set, cancel)
+            .map_err(map_error)?
+        {
+            Some(Baseline::Recorded) => log::info!(
+                "the enforced rules are the previous daemon's and match the files: nothing to change"
+            ),
+            Some(Baseline::Walked) => log::info!("read the enforced rules back from the maps"),
+            None => {}
+        }
+        let record = self.syncer.record_of(&set);
+        let state_dir = &args.state.state_dir;
+        let ops = self
+            .syncer
+            .apply(set, cancel, || {
+                // From here the maps are a mix until the end: a daemon restarted
+                // meanwhile must read them back rather than trust the old record.
+                let mut status = shared.status.lock().expect("status");
+                status.enforced = None;
+                status.save(state_dir);
+            })
+            .map_err(map_error)?;
+        shared.status.lock().expect("status").enforced = Some(record);
+        Ok((ops, files, lines))
+    }
+
+    fn finish(
+        &self,
+        args: &RunArgs,
+        shared: &Shared,
+        started: Instant,
+        outcome: Result<(usize, usize, usize), Rejected>,
+    ) {
+        let elapsed = started.elapsed();
+        let enforced = self
+            .syncer
+            .enforced()
+            .map(RuleSet::counts)
+            .map(|c| RuleCounts {
+                v4_deny: c.v4_deny,
+                v4_allow: c.v4_allow,
+                v6_deny: c.v6_deny,
+                v6_allow: c.v6_allow,
+            });
+        let mut status = shared.status.lock().expect("status");
+        let previous = status.last_sync.clone().unwrap_or_default();
+        let rules = enforced
+            .or_else(|| self.syncer.recorded().map(|r| r.rules.clone()))
+            .unwrap_or(previous.rules.clone());
+        let (ok, error, operations, files) = match outcome {
+            Ok((ops, files, lines)) => {
+                log::info!(
+                    "rules synced in {} ms: {} ({ops} map operations, {files} files, {lines} lines)",
+                    elapsed.as_millis(),
+                    CountsDisplay(&rules),
+                );
+                status.last_success = now();
+                shared.synced_once.store(true, Ordering::Relaxed);
+                if let Err(e) = events::mark_rules_loaded(&shared.layout) {
+                    log::error!("marking the rules loaded: {e}");
+                }
+                (true, None, ops, files)
             }
-            (true, None, ops, files)
-        }
-        Err(e) => {
-            log::error!("rules update rejected, the previous rules stay enforced: {e:#}");
-            status.sync_errors_total += 1;
-            (
-                false,
-                Some(format!("{e:#}")),
-                0,
-                status.last_sync.as_ref().map(|s| s.files).unwrap_or(0),
-            )
-        }
-    };
-    status.last_sync = Some(SyncStatus {
-        time: now(),
-        duration_ms: elapsed.as_millis() as u64,
-        ok,
-        error,
-        rules: rule_counts,
-        operations,
-        files,
-    });
-    status.save(&args.state.state_dir);
+            Err(Rejected::Interrupted) => {
+                log::warn!("rules sync interrupted by shutdown");
+                return;
+            }
+            Err(Rejected::Content(why) | Rejected::Transient(why)) => {
+                log::error!("rules update rejected, the previous rules stay enforced: {why}");
+                status.sync_errors_total += 1;
+                (false, Some(why), 0, previous.files)
+            }
+        };
+        status.last_sync = Some(SyncStatus {
+            time: now(),
+            duration_ms: elapsed.as_millis() as u64,
+            ok,
+            error,
+            rules,
+            operations,
+            files,
+        });
+        status.save(&args.state.state_dir);
+    }
 }
 
-fn ensure_conflist(args: &RunArgs, shared: &Shared) {
+struct CountsDisplay<'a>(&'a RuleCounts);
+
+impl std::fmt::Display for CountsDisplay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.0;
+        write!(
+            f,
+            "IPv4 {} deny / {} allow, IPv6 {} deny / {} allow",
+            r.v4_deny, r.v4_allow, r.v6_deny, r.v6_allow
+        )
+    }
+}
+
+/// Conflist, host interfaces and pod repair: on conf dir events and every tick.
+fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
+    let (layout, state) = (&shared.layout, &shared.state);
+    let mut conflist_error: Option<String> = None;
+    ensure_conflist(args, shared, &mut conflist_error);
+    repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+    let mut host_links = attach_host_interfaces(args, layout, &[]);
+    set_host_interfaces(shared, args, &host_links);
+    let mut conf_due: Option<Instant> = None;
+    let mut next_tick = Instant::now() + TICK;
+    loop {
+        let next = conf_due.map_or(next_tick, |due| due.min(next_tick));
+        match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(_) => conf_due = Some(Instant::now() + CONF_DEBOUNCE),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        if conf_due.is_some_and(|due| now >= due) {
+            conf_due = None;
+            ensure_conflist(args, shared, &mut conflist_error);
+        }
+        if now >= next_tick {
+            next_tick = now + TICK;
+            ensure_conflist(args, shared, &mut conflist_error);
+            host_links = attach_host_interfaces(args, layout, &host_links);
+            repair::clean_up_vanished(layout, state);
+            repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+            set_host_interfaces(shared, args, &host_links);
+        }
+    }
+}
+
+fn set_host_interfaces(shared: &Shared, args: &RunArgs, host_links: &[String]) {
+    let mut status = shared.status.lock().expect("status");
+    if status.host_interfaces != host_links {
+        status.host_interfaces = host_links.to_vec();
+        status.save(&args.state.state_dir);
+    }
+}
+
+fn ensure_conflist(args: &RunArgs, shared: &Shared, last_error: &mut Option<String>) {
     let default_pin = Path::new(egress_deny_datapath::paths::DEFAULT_PIN_DIR);
     let default_state = Path::new(egress_deny_datapath::paths::DEFAULT_STATE_DIR);
     let entry = conflist::Entry {
@@ -264,25 +454,48 @@ fn ensure_conflist(args: &RunArgs, shared: &Shared) {
         exclude_namespaces: args.exclude_namespaces.0.clone(),
     };
     let outcome = conflist::ensure(&args.cni.cni_conf_dir, &entry);
-    let mut status = shared.status.lock().expect("status");
-    match outcome {
+    // Each problem is logged when it starts, not on every tick.
+    let mut report = |message: Option<String>, error: bool| {
+        if message != *last_error {
+            if let Some(m) = &message {
+                if error {
+                    log::error!("{m}");
+                } else {
+                    log::info!("{m}");
+                }
+            }
+            *last_error = message;
+        }
+    };
+    let conflist = match outcome {
         Ok(Ensured::Written(path)) => {
             log::info!("added the egress-deny entry to {}", path.display());
-            status.conflist = Some(path.display().to_string());
+            report(None, false);
+            Some(path.display().to_string())
         }
-        Ok(Ensured::AlreadyPresent(path)) => status.conflist = Some(path.display().to_string()),
+        Ok(Ensured::AlreadyPresent(path)) => {
+            report(None, false);
+            Some(path.display().to_string())
+        }
         Err(ConflistError::NoPrimary(dir)) => {
-            if status.conflist.take().is_some() || !shared.synced_once.load(Ordering::Relaxed) {
-                log::info!(
+            report(
+                Some(format!(
                     "waiting for the primary CNI to write its configuration into {}",
                     dir.display()
-                );
-            }
+                )),
+                false,
+            );
+            None
         }
         Err(e) => {
-            log::error!("{e}");
-            status.conflist = None;
+            report(Some(e.to_string()), true);
+            None
         }
+    };
+    let mut status = shared.status.lock().expect("status");
+    if status.conflist != conflist {
+        status.conflist = conflist;
+        status.save(&args.state.state_dir);
     }
 }
 
@@ -336,10 +549,14 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String
     attached
 }
 
-/// After an upgrade the pinned program is new: move every pod attachment to it (a TCX
-/// link update is atomic). Attachments whose pod is gone are cleaned up.
-fn move_pod_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) {
+/// Every start pins a freshly loaded program (after an upgrade, a new version): move
+/// every attachment to it — pods from their records (TCX link update or cls_bpf filter
+/// replace, both atomic), then every other pinned link (host interfaces, a pod whose
+/// ADD died before writing its record) by a link update. Attachments whose pod is gone
+/// are cleaned up.
+fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) {
     crate::repair::clean_up_vanished(layout, state);
+    let mut moved_pins = HashSet::new();
     for (_, record) in AttachmentRecord::list(state).unwrap_or_default() {
         let link_pin = layout.pod_link(&record.container_id, &record.ifname);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
@@ -349,6 +566,7 @@ fn move_pod_attachments_to_current_program(layout: &PinLayout, state: &StateLayo
             link_pin: &link_pin,
             mode,
         };
+        moved_pins.insert(link_pin.clone());
         match attach::attach(layout, &req) {
             Ok(a) if a.program_id != record.program_id => {
                 let mut updated = record.clone();
@@ -360,9 +578,50 @@ fn move_pod_attachments_to_current_program(layout: &PinLayout, state: &StateLayo
             Err(e) => log::warn!("re-attaching {}: {e}", record.host_ifname),
         }
     }
+    let Ok(entries) = std::fs::read_dir(layout.links_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let pin = entry.path();
+        if moved_pins.contains(&pin) {
+            continue;
+        }
+        let Ok(Some(link)) = attach::pinned_link_state(&pin) else {
+            continue;
+        };
+        if link.ifindex == 0 {
+            continue; // interface gone; the link is defunct and cleaned up elsewhere
+        }
+        let Ok(ifname) = iface::ifname(link.ifindex) else {
+            continue;
+        };
+        let hook = if link.attach_type == attach::tcx_attach_type(Hook::Egress) {
+            Hook::Egress
+        } else {
+            Hook::Ingress
+        };
+        let req = AttachRequest {
+            ifname: &ifname,
+            hook,
+            link_pin: &pin,
+            mode: AttachMode::Tcx,
+        };
+        match attach::attach(layout, &req) {
+            Ok(a) if a.program_id != link.prog_id => {
+                log::info!("moved {ifname} to program {}", a.program_id)
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("re-attaching {}: {e}", pin.display()),
+        }
+    }
 }
 
-fn watch(rules_dir: &Path, conf_dir: &Path, tx: Sender<Event>) -> Result<()> {
+fn watch(
+    rules_dir: &Path,
+    conf_dir: &Path,
+    rules_tx: Sender<Event>,
+    conf_tx: Sender<Event>,
+) -> Result<()> {
     use inotify::{Inotify, WatchMask};
     let mut inotify = Inotify::init().context("inotify")?;
     let mask = WatchMask::CREATE
@@ -416,8 +675,8 @@ fn watch(rules_dir: &Path, conf_dir: &Path, tx: Sender<Event>) -> Result<()> {
                         rules_wd = Some(wd);
                     }
                 }
-                if (rules && tx.send(Event::Rules).is_err())
-                    || (conf && tx.send(Event::Conf).is_err())
+                if (rules && rules_tx.send(Event::Changed).is_err())
+                    || (conf && conf_tx.send(Event::Changed).is_err())
                 {
                     return;
                 }
@@ -426,7 +685,7 @@ fn watch(rules_dir: &Path, conf_dir: &Path, tx: Sender<Event>) -> Result<()> {
     Ok(())
 }
 
-fn stop_on_signals(tx: Sender<Event>) -> Result<()> {
+fn stop_on_signals(tx: Sender<Event>, cancel: Arc<AtomicBool>) -> Result<()> {
     use signal_hook::{
         consts::{SIGINT, SIGTERM},
         iterator::Signals,
@@ -436,7 +695,12 @@ fn stop_on_signals(tx: Sender<Event>) -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             if signals.forever().next().is_some() {
-                let _ = tx.send(Event::Stop);
+                cancel.store(true, Ordering::Relaxed);
+                if tx.send(Event::Stop).is_err() {
+                    // Still starting up (no event loop yet): nothing to finish.
+                    log::info!("stopping during start-up; enforcement stays in place");
+                    std::process::exit(0);
+                }
             }
         })?;
     Ok(())

@@ -4,6 +4,7 @@ mod conflist;
 mod daemon;
 mod metrics;
 mod node;
+mod plan;
 mod repair;
 mod rules;
 mod status;

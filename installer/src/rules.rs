@@ -1,24 +1,35 @@
-//! The rules directory: parsing (streaming, line by line) into compact sorted sets, and
-//! planning an update as a diff that never opens a gap (see `Plan`).
+//! The rules directory: finding the rule files (kubelet's ConfigMap layout), parsing
+//! them (streaming, in blocks, on several threads) into compact sorted sets, and
+//! noticing cheaply when nothing changed.
 //!
 //! Format (one entry per line): `CIDR` or a bare address denies, `!CIDR` is an
 //! allow-exception, `#` starts a comment, blank lines and surrounding whitespace are
 //! ignored. Files whose name ends in `.gz` are gzip-compressed. Hidden entries (`.x`,
 //! kubelet's `..data`) are skipped; symlinks (kubelet's ConfigMap layout) are followed.
+//! Host bits set, an unparsable line, or one prefix listed as both deny and allow reject
+//! the whole update, naming file and line.
 use std::{
     fmt,
     fs::{self, File},
-    io::{self, BufRead, BufReader, Read},
+    io::{self, Read},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     str::FromStr,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    time::SystemTime,
 };
 
 use egress_deny_datapath::rules::Action;
 use ipnet::IpNet;
 
 /// One rule: a truncated prefix and its action. `A` is u32 (IPv4) or u128 (IPv6), host
-/// order, so that sorting is by address then length.
+/// order, so that sorting is by address then length. 8 bytes for IPv4: a million rules
+/// take 8 MB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Entry<A> {
     pub addr: A,
@@ -27,8 +38,36 @@ pub struct Entry<A> {
 }
 
 impl<A: Copy + Ord> Entry<A> {
-    fn key(&self) -> (A, u8) {
+    pub fn key(&self) -> (A, u8) {
         (self.addr, self.len)
+    }
+}
+
+/// What the two address families need from their address type.
+pub trait Address: Copy + Ord + Send + Sync + fmt::Debug + 'static {
+    /// Sorts by (address, length, action) — the derived order, faster.
+    fn sort(entries: &mut [Entry<Self>]);
+    fn to_net(self, len: u8) -> IpNet;
+}
+
+impl Address for u32 {
+    fn sort(entries: &mut [Entry<u32>]) {
+        // One integer comparison instead of three field comparisons.
+        entries.sort_unstable_by_key(|e| {
+            (u64::from(e.addr) << 16) | (u64::from(e.len) << 8) | e.action as u64
+        });
+    }
+    fn to_net(self, len: u8) -> IpNet {
+        IpNet::new(IpAddr::V4(Ipv4Addr::from(self)), len).expect("valid prefix length")
+    }
+}
+
+impl Address for u128 {
+    fn sort(entries: &mut [Entry<u128>]) {
+        entries.sort_unstable();
+    }
+    fn to_net(self, len: u8) -> IpNet {
+        IpNet::new(IpAddr::V6(Ipv6Addr::from(self)), len).expect("valid prefix length")
     }
 }
 
@@ -63,6 +102,10 @@ impl RuleSet {
         self.v4.len() + self.v6.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Adds an allow-exception (replacing a deny of exactly that prefix).
     pub fn allow(&mut self, net: IpNet) {
         match net.trunc() {
@@ -87,37 +130,50 @@ impl RuleSet {
 
     /// The deny entries that contain `net` (shortest first).
     pub fn denies_covering(&self, net: IpNet) -> Vec<IpNet> {
-        let mut out = Vec::new();
         match net.trunc() {
-            IpNet::V4(n) => {
-                let addr = u32::from(n.network());
-                for len in 0..=n.prefix_len() {
-                    let key = (mask4(addr, len), len);
-                    if let Ok(i) = self.v4.binary_search_by(|e| e.key().cmp(&key))
-                        && self.v4[i].action == Action::Deny
-                    {
-                        out.push(
-                            IpNet::new(IpAddr::V4(Ipv4Addr::from(key.0)), len).expect("valid"),
-                        );
-                    }
-                }
-            }
-            IpNet::V6(n) => {
-                let addr = u128::from(n.network());
-                for len in 0..=n.prefix_len() {
-                    let key = (mask6(addr, len), len);
-                    if let Ok(i) = self.v6.binary_search_by(|e| e.key().cmp(&key))
-                        && self.v6[i].action == Action::Deny
-                    {
-                        out.push(
-                            IpNet::new(IpAddr::V6(Ipv6Addr::from(key.0)), len).expect("valid"),
-                        );
-                    }
-                }
-            }
+            IpNet::V4(n) => covering(&self.v4, u32::from(n.network()), n.prefix_len(), mask4),
+            IpNet::V6(n) => covering(&self.v6, u128::from(n.network()), n.prefix_len(), mask6),
         }
-        out
     }
+
+    /// An order-sensitive 64-bit digest of the set: equal sets, equal digests. Lets a
+    /// restarted daemon trust what its predecessor recorded instead of walking millions
+    /// of map entries (see `sync::Syncer::open`).
+    pub fn digest(&self) -> u64 {
+        // FNV-1a over the fields; cheap (a few ms per million entries) and plenty to
+        // tell two rule sets apart by accident.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |x: u64| {
+            h ^= x;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        };
+        mix(self.v4.len() as u64);
+        for e in &self.v4 {
+            mix((u64::from(e.addr) << 16) | (u64::from(e.len) << 8) | e.action as u64);
+        }
+        mix(self.v6.len() as u64);
+        for e in &self.v6 {
+            mix(e.addr as u64);
+            mix((e.addr >> 64) as u64);
+            mix((u64::from(e.len) << 8) | e.action as u64);
+        }
+        h
+    }
+}
+
+fn covering<A: Address>(
+    entries: &[Entry<A>],
+    addr: A,
+    prefix_len: u8,
+    mask: fn(A, u8) -> A,
+) -> Vec<IpNet> {
+    (0..=prefix_len)
+        .filter_map(|len| {
+            let key = (mask(addr, len), len);
+            let i = entries.binary_search_by(|e| e.key().cmp(&key)).ok()?;
+            (entries[i].action == Action::Deny).then(|| key.0.to_net(len))
+        })
+        .collect()
 }
 
 fn upsert<A: Copy + Ord>(entries: &mut Vec<Entry<A>>, entry: Entry<A>) {
@@ -152,6 +208,7 @@ pub enum RulesError {
         line: usize,
         message: String,
     },
+    /// Reading failed (I/O, corrupt gzip): may be transient.
     #[error("{file}: {message}")]
     File { file: String, message: String },
     #[error("{prefix} is listed both as deny ({deny_at}) and as allow ({allow_at})")]
@@ -160,6 +217,16 @@ pub enum RulesError {
         deny_at: String,
         allow_at: String,
     },
+    #[error("interrupted (shutting down)")]
+    Interrupted,
+}
+
+impl RulesError {
+    /// Whether reading the same files again gives the same answer (content errors), as
+    /// opposed to I/O trouble worth retrying.
+    pub fn is_about_content(&self) -> bool {
+        matches!(self, RulesError::Line { .. } | RulesError::Conflict { .. })
+    }
 }
 
 /// What was read: the set, plus whether the directory existed at all.
@@ -167,17 +234,17 @@ pub enum RulesError {
 pub struct Parsed {
     pub rules: RuleSet,
     pub files: usize,
-    pub dir_missing: bool,
+    pub lines: usize,
 }
 
 /// The rule files of `dir` in name order: hidden entries skipped, symlinks followed,
-/// only regular files.
+/// only regular files. `NotFound` when the directory does not exist.
 pub fn rule_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with('.') {
+        if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
         let path = entry.path();
@@ -189,76 +256,135 @@ pub fn rule_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub fn parse_dir(dir: &Path) -> Result<Parsed, RulesError> {
-    let files = match rule_files(dir) {
-        Ok(files) => files,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Parsed {
-                rules: RuleSet::default(),
-                files: 0,
-                dir_missing: true,
+/// Identity of the rule files' current contents, from metadata only (symlinks
+/// resolved): kubelet's `..data` swap changes every inode; an in-place edit changes
+/// the size or the modification time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    files: Vec<FileIdentity>,
+    /// The newest modification/change time among the files.
+    newest: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    pub fn of(files: &[PathBuf]) -> io::Result<Self> {
+        let mut out = Vec::with_capacity(files.len());
+        let mut newest: Option<SystemTime> = None;
+        for path in files {
+            let m = fs::metadata(path)?;
+            for t in [m.modified().ok(), ctime(&m)].into_iter().flatten() {
+                newest = Some(newest.map_or(t, |n| n.max(t)));
+            }
+            out.push(FileIdentity {
+                path: path.clone(),
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
             });
         }
-        Err(e) => {
-            return Err(RulesError::File {
-                file: dir.display().to_string(),
-                message: e.to_string(),
-            });
-        }
-    };
-    let mut rules = RuleSet::default();
-    for file in &files {
-        parse_file(file, &mut |entry, _| match entry {
-            Rule::V4(e) => rules.v4.push(e),
-            Rule::V6(e) => rules.v6.push(e),
-        })?;
+        Ok(Self { files: out, newest })
     }
-    let conflict4 = sort_dedup(&mut rules.v4);
-    let conflict6 = sort_dedup(&mut rules.v6);
-    let conflict = conflict4
-        .map(|(a, l)| IpNet::new(IpAddr::V4(Ipv4Addr::from(a)), l).expect("valid"))
-        .or_else(|| {
-            conflict6.map(|(a, l)| IpNet::new(IpAddr::V6(Ipv6Addr::from(a)), l).expect("valid"))
-        });
+
+    /// Whether a parse that started at `parsed_at` certainly saw these contents. File
+    /// times come from a coarse clock: a write just before or during that parse could
+    /// leave size and times unchanged, so recent changes never count as seen.
+    pub fn seen_by_parse_at(&self, earlier: &Fingerprint, parsed_at: SystemTime) -> bool {
+        const CLOCK_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+        self == earlier
+            && self
+                .newest
+                .is_none_or(|newest| newest + CLOCK_SLACK < parsed_at)
+    }
+}
+
+fn ctime(m: &fs::Metadata) -> Option<SystemTime> {
+    let secs = u64::try_from(m.ctime()).ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + std::time::Duration::new(secs, u32::try_from(m.ctime_nsec()).unwrap_or(0)),
+    )
+}
+
+/// Parses `files` into one sorted, deduplicated set. `cancel` aborts (shutdown).
+pub fn parse_files(files: &[PathBuf], cancel: &AtomicBool) -> Result<Parsed, RulesError> {
+    let (mut v4, mut v6, lines) = pipeline(files, cancel)?;
+    let conflict = sort_dedup(&mut v4)
+        .map(|(a, l)| a.to_net(l))
+        .or_else(|| sort_dedup(&mut v6).map(|(a, l)| a.to_net(l)));
     if let Some(prefix) = conflict {
-        return Err(locate_conflict(&files, prefix));
+        return Err(locate_conflict(files, prefix, cancel));
     }
     Ok(Parsed {
-        rules,
+        rules: RuleSet { v4, v6 },
         files: files.len(),
-        dir_missing: false,
+        lines,
     })
 }
 
+/// `rule_files` + `parse_files`; a missing directory is an error (`File`) here: the
+/// caller decides what a missing directory means.
+#[cfg(test)]
+pub fn parse_dir(dir: &Path) -> Result<Parsed, RulesError> {
+    let files = rule_files(dir).map_err(|e| RulesError::File {
+        file: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    parse_files(&files, &AtomicBool::new(false))
+}
+
 /// Sorts, drops duplicates, and returns a prefix listed with both actions, if any.
-fn sort_dedup<A: Copy + Ord>(entries: &mut Vec<Entry<A>>) -> Option<(A, u8)> {
-    entries.sort_unstable();
-    let conflict = entries
-        .windows(2)
-        .find(|w| w[0].key() == w[1].key() && w[0].action != w[1].action);
-    let conflict = conflict.map(|w| w[0].key());
-    entries.dedup();
+/// Frees the slack: sets live as long as they are enforced.
+fn sort_dedup<A: Address>(entries: &mut Vec<Entry<A>>) -> Option<(A, u8)> {
+    A::sort(entries);
+    // One pass: drop duplicates, spot a prefix with both actions (adjacent after the
+    // sort, as the action is the last sort key).
+    let mut conflict = None;
+    let mut kept = 0;
+    for i in 0..entries.len() {
+        let e = entries[i];
+        if kept > 0 {
+            let last = entries[kept - 1];
+            if last.key() == e.key() {
+                if last.action != e.action && conflict.is_none() {
+                    conflict = Some(e.key());
+                }
+                continue;
+            }
+        }
+        entries[kept] = e;
+        kept += 1;
+    }
+    entries.truncate(kept);
+    entries.shrink_to_fit();
     conflict
 }
 
 /// Only on error: scans again to name where both sides of a conflict are.
-fn locate_conflict(files: &[PathBuf], prefix: IpNet) -> RulesError {
+fn locate_conflict(files: &[PathBuf], prefix: IpNet, cancel: &AtomicBool) -> RulesError {
     let mut deny_at = String::from("?");
     let mut allow_at = String::from("?");
     for file in files {
-        let _ = parse_file(file, &mut |rule, line| {
-            let (net, action) = match rule {
-                Rule::V4(e) => (
-                    IpNet::new(IpAddr::V4(Ipv4Addr::from(e.addr)), e.len),
-                    e.action,
-                ),
-                Rule::V6(e) => (
-                    IpNet::new(IpAddr::V6(Ipv6Addr::from(e.addr)), e.len),
-                    e.action,
-                ),
-            };
-            if net.ok() == Some(prefix) {
-                let at = format!("{}:{line}", file.display());
+        if cancel.load(Ordering::Relaxed) {
+            return RulesError::Interrupted;
+        }
+        let name = file.display().to_string();
+        let _ = for_each_line(file, &mut |line_no, line| {
+            if let Some((Ok(rule), action)) = split_rule(line).map(|(a, t)| (parse_rule(t), a))
+                && rule.net() == prefix
+            {
+                let at = format!("{name}:{line_no}");
                 match action {
                     Action::Deny => deny_at = at,
                     Action::Allow => allow_at = at,
@@ -273,56 +399,72 @@ fn locate_conflict(files: &[PathBuf], prefix: IpNet) -> RulesError {
     }
 }
 
-enum Rule {
-    V4(Entry<u32>),
-    V6(Entry<u128>),
-}
-
-/// Streams one file, calling `sink` for each rule with its line number.
-fn parse_file(path: &Path, sink: &mut dyn FnMut(Rule, usize)) -> Result<(), RulesError> {
-    let file_name = path.display().to_string();
-    let file_error = |message: String| RulesError::File {
-        file: file_name.clone(),
-        message,
-    };
-    let file = File::open(path).map_err(|e| file_error(e.to_string()))?;
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let mut buf = Vec::with_capacity(128);
+/// Calls `f` with each line (1-based number, without the newline) of a file, streaming.
+fn for_each_line(path: &Path, f: &mut dyn FnMut(usize, &[u8])) -> io::Result<()> {
+    use io::BufRead;
+    let mut reader = io::BufReader::new(open(path)?);
+    let mut buf = Vec::new();
     let mut line_no = 0;
     loop {
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| file_error(format!("read error: {e}")))?;
-        if n == 0 {
+        if reader.read_until(b'\n', &mut buf)? == 0 {
             return Ok(());
         }
         line_no += 1;
-        let line_error = |message: String| RulesError::Line {
-            file: file_name.clone(),
-            line: line_no,
-            message,
-        };
-        let text = std::str::from_utf8(&buf).map_err(|_| line_error("not valid UTF-8".into()))?;
-        let text = text.split('#').next().unwrap_or_default().trim();
-        if text.is_empty() {
-            continue;
-        }
-        let (action, cidr) = match text.strip_prefix('!') {
-            Some(rest) => (Action::Allow, rest.trim()),
-            None => (Action::Deny, text),
-        };
-        let rule = parse_entry(cidr, action).map_err(line_error)?;
-        sink(rule, line_no);
+        f(line_no, buf.strip_suffix(b"\n").unwrap_or(&buf));
     }
 }
 
-fn parse_entry(text: &str, action: Action) -> Result<Rule, String> {
+fn open(path: &Path) -> io::Result<Box<dyn Read>> {
+    let file = File::open(path)?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+/// A parsed rule line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    V4(u32, u8),
+    V6(u128, u8),
+}
+
+impl Rule {
+    fn net(self) -> IpNet {
+        match self {
+            Rule::V4(a, l) => a.to_net(l),
+            Rule::V6(a, l) => a.to_net(l),
+        }
+    }
+}
+
+/// The rule part of a line: comment and surrounding whitespace removed, `!` split off.
+/// `None` for blank and comment-only lines.
+fn split_rule(line: &[u8]) -> Option<(Action, &[u8])> {
+    let line = match memchr::memchr(b'#', line) {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let line = line.trim_ascii();
+    match line.split_first()? {
+        (b'!', rest) => Some((Action::Allow, rest.trim_ascii())),
+        _ => Some((Action::Deny, line)),
+    }
+}
+
+/// Parses one rule: a fast path for canonical IPv4 (the bulk of every list), the
+/// standard parsers for everything else (and for every error message).
+fn parse_rule(text: &[u8]) -> Result<Rule, String> {
+    if let Some((addr, len)) = fast_v4(text)
+        && mask4(addr, len) == addr
+    {
+        return Ok(Rule::V4(addr, len));
+    }
+    let text = std::str::from_utf8(text)
+        .map_err(|_| "not valid UTF-8".to_owned())?
+        .trim();
     let net = if text.contains('/') {
         let net =
             IpNet::from_str(text).map_err(|_| format!("{text:?} is not a CIDR or address"))?;
@@ -339,96 +481,355 @@ fn parse_entry(text: &str, action: Action) -> Result<Rule, String> {
         IpNet::from(addr)
     };
     Ok(match net {
-        IpNet::V4(n) => Rule::V4(Entry {
-            addr: u32::from(n.network()),
-            len: n.prefix_len(),
-            action,
-        }),
-        IpNet::V6(n) => Rule::V6(Entry {
-            addr: u128::from(n.network()),
-            len: n.prefix_len(),
-            action,
-        }),
+        IpNet::V4(n) => Rule::V4(u32::from(n.network()), n.prefix_len()),
+        IpNet::V6(n) => Rule::V6(u128::from(n.network()), n.prefix_len()),
     })
 }
 
-/// The map operations that turn the enforced set `old` into `new`, in an order that never
-/// allows a destination both sets deny:
-///
-/// 1. upsert every entry whose new action is deny (new denies, allow→deny flips);
-/// 2. remove old allow entries that `new` does not have;
-/// 3. upsert every entry whose new action is allow (new allows, deny→allow flips);
-/// 4. remove old deny entries that `new` does not have.
-///
-/// Why: take a destination both sets deny and the longest entry matching it in any
-/// intermediate state. After step 1 that entry is either a new deny or the old set's own
-/// longest match (a deny). During step 2 a surviving longer allow would have to be in
-/// `new` (then `new` would allow) or be old-only (then `old` would allow) — neither. In
-/// step 3 a new allow can only be longest if `new`'s own longest match is an allow.
-/// In step 4 the longest entry is `new`'s longest match (deny) or an old deny.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan<A> {
-    pub upsert_deny: Vec<Entry<A>>,
-    pub remove_allow: Vec<Entry<A>>,
-    pub upsert_allow: Vec<Entry<A>>,
-    pub remove_deny: Vec<Entry<A>>,
-}
-
-impl<A> Plan<A> {
-    pub fn operations(&self) -> usize {
-        self.upsert_deny.len()
-            + self.remove_allow.len()
-            + self.upsert_allow.len()
-            + self.remove_deny.len()
+/// The common line in one pass: optional whitespace, optional `!`, canonical IPv4
+/// (see `fast_v4`) with host bits clear, then only whitespace or a comment. `None`
+/// means "not that simple": the caller takes the general path (`split_rule` +
+/// `parse_rule`), which decides everything this does not, errors included.
+fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
+    let mut i = 0;
+    while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
+        i += 1;
+    }
+    let action = if line.get(i) == Some(&b'!') {
+        i += 1;
+        while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
+            i += 1;
+        }
+        Action::Allow
+    } else {
+        Action::Deny
+    };
+    let start = i;
+    while i < line.len() && (line[i].is_ascii_digit() || line[i] == b'.' || line[i] == b'/') {
+        i += 1;
+    }
+    let (addr, len) = fast_v4(&line[start..i])?;
+    if mask4(addr, len) != addr {
+        return None;
+    }
+    match line[i..].iter().find(|b| !b.is_ascii_whitespace()) {
+        None | Some(b'#') => Some((action, addr, len)),
+        Some(_) => None,
     }
 }
 
-/// Merge-walks two sorted, deduplicated sets.
-pub fn plan<A: Copy + Ord>(old: &[Entry<A>], new: &[Entry<A>]) -> Plan<A> {
-    let mut plan = Plan {
-        upsert_deny: Vec::new(),
-        remove_allow: Vec::new(),
-        upsert_allow: Vec::new(),
-        remove_deny: Vec::new(),
+/// `a.b.c.d` or `a.b.c.d/len` in canonical form (no leading zeros, octets ≤ 255,
+/// length ≤ 32). Anything else — valid or not — returns `None` and goes to the
+/// standard parser, so this never accepts what the standard parser would reject.
+fn fast_v4(text: &[u8]) -> Option<(u32, u8)> {
+    fn number(text: &[u8], i: &mut usize, max: u32) -> Option<u32> {
+        let start = *i;
+        let mut value = 0u32;
+        while *i < text.len() && text[*i].is_ascii_digit() && *i - start < 3 {
+            value = value * 10 + u32::from(text[*i] - b'0');
+            *i += 1;
+        }
+        let digits = *i - start;
+        let leading_zero = digits > 1 && text[start] == b'0';
+        (digits > 0 && !leading_zero && value <= max).then_some(value)
+    }
+    let mut i = 0;
+    let mut addr = 0u32;
+    for octet in 0..4 {
+        if octet > 0 {
+            if text.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        addr = (addr << 8) | number(text, &mut i, 255)?;
+    }
+    let len = match text.get(i) {
+        None => return Some((addr, 32)),
+        Some(b'/') => {
+            i += 1;
+            number(text, &mut i, 32)? as u8
+        }
+        Some(_) => return None,
     };
-    let (mut i, mut j) = (0, 0);
-    let add = |plan: &mut Plan<A>, e: Entry<A>| match e.action {
-        Action::Deny => plan.upsert_deny.push(e),
-        Action::Allow => plan.upsert_allow.push(e),
-    };
-    let remove = |plan: &mut Plan<A>, e: Entry<A>| match e.action {
-        Action::Deny => plan.remove_deny.push(e),
-        Action::Allow => plan.remove_allow.push(e),
-    };
-    while i < old.len() || j < new.len() {
-        match (old.get(i), new.get(j)) {
-            (Some(o), Some(n)) if o.key() == n.key() => {
-                if o.action != n.action {
-                    add(&mut plan, *n);
-                }
-                i += 1;
-                j += 1;
+    (i == text.len()).then_some((addr, len))
+}
+
+/// Lines are read in blocks of about this size, cut at a newline.
+const BLOCK: usize = 1 << 20;
+/// Longer lines are garbage, not rules: refuse instead of buffering without bound.
+const MAX_LINE: usize = 1 << 20;
+/// Entries are collected in fixed chunks (no doubling slack, no big copy at the end).
+const CHUNK: usize = 1 << 16;
+
+struct Block {
+    file: usize,
+    seq: usize,
+    data: Vec<u8>,
+}
+
+/// Grows in fixed-size chunks: a million pushes never reallocate a large buffer.
+struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+}
+
+impl<T: Copy> Chunked<T> {
+    fn new() -> Self {
+        Self { chunks: Vec::new() }
+    }
+
+    fn push(&mut self, item: T) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(item),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(item);
+                self.chunks.push(chunk);
             }
-            (Some(o), Some(n)) if o.key() < n.key() => {
-                remove(&mut plan, *o);
-                i += 1;
-            }
-            (Some(_), Some(n)) => {
-                add(&mut plan, *n);
-                j += 1;
-            }
-            (Some(o), None) => {
-                remove(&mut plan, *o);
-                i += 1;
-            }
-            (None, Some(n)) => {
-                add(&mut plan, *n);
-                j += 1;
-            }
-            (None, None) => unreachable!(),
         }
     }
-    plan
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
+    /// Moves everything into one exactly-sized vector, freeing chunks as it goes.
+    fn concat(parts: Vec<Self>) -> Vec<T> {
+        let mut out = Vec::with_capacity(parts.iter().map(Self::len).sum());
+        for part in parts {
+            for chunk in part.chunks {
+                out.extend_from_slice(&chunk);
+            }
+        }
+        out
+    }
+}
+
+/// What one parser thread produced.
+struct Output {
+    v4: Chunked<Entry<u32>>,
+    v6: Chunked<Entry<u128>>,
+    /// (file, seq, lines in that block).
+    lines: Vec<(usize, usize, usize)>,
+    /// The first error this thread saw: (file, seq, line within the block, message).
+    error: Option<(usize, usize, usize, String)>,
+}
+
+/// Reader (this thread) → bounded queue of blocks → parser threads. Memory stays at a
+/// few blocks whatever the size of the files.
+#[allow(clippy::type_complexity)]
+fn pipeline(
+    files: &[PathBuf],
+    cancel: &AtomicBool,
+) -> Result<(Vec<Entry<u32>>, Vec<Entry<u128>>, usize), RulesError> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let (block_tx, block_rx) = mpsc::sync_channel::<Block>(workers * 2);
+    let block_rx = Mutex::new(block_rx);
+    let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+    // Position (file << 32 | seq) of the earliest block with an error: later blocks
+    // are only counted, not parsed, and the reader stops.
+    let first_error = AtomicU64::new(u64::MAX);
+
+    let (outputs, read_result) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (block_rx, spare_tx, first_error) = (&block_rx, spare_tx.clone(), &first_error);
+                scope.spawn(move || parse_blocks(block_rx, spare_tx, first_error))
+            })
+            .collect();
+        drop(spare_tx);
+        let read_result = read_blocks(files, &block_tx, &spare_rx, &first_error, cancel);
+        drop(block_tx);
+        let outputs: Vec<Output> = handles
+            .into_iter()
+            .map(|h| h.join().expect("parser thread panicked"))
+            .collect();
+        (outputs, read_result)
+    });
+    read_result?;
+
+    // Report the earliest error (file order, then line).
+    if let Some((file, seq, line, message)) = outputs
+        .iter()
+        .filter_map(|o| o.error.clone())
+        .min_by_key(|(f, s, l, _)| (*f, *s, *l))
+    {
+        let before: usize = outputs
+            .iter()
+            .flat_map(|o| &o.lines)
+            .filter(|(f, s, _)| *f == file && *s < seq)
+            .map(|(_, _, n)| n)
+            .sum();
+        return Err(RulesError::Line {
+            file: files[file].display().to_string(),
+            line: before + line,
+            message,
+        });
+    }
+    let lines = outputs
+        .iter()
+        .flat_map(|o| &o.lines)
+        .map(|(_, _, n)| n)
+        .sum();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for o in outputs {
+        v4.push(o.v4);
+        v6.push(o.v6);
+    }
+    Ok((Chunked::concat(v4), Chunked::concat(v6), lines))
+}
+
+fn read_blocks(
+    files: &[PathBuf],
+    blocks: &mpsc::SyncSender<Block>,
+    spares: &mpsc::Receiver<Vec<u8>>,
+    first_error: &AtomicU64,
+    cancel: &AtomicBool,
+) -> Result<(), RulesError> {
+    for (file_index, path) in files.iter().enumerate() {
+        let file_error = |message: String| RulesError::File {
+            file: path.display().to_string(),
+            message,
+        };
+        let mut reader = open(path).map_err(|e| file_error(e.to_string()))?;
+        let mut carry: Vec<u8> = Vec::new();
+        let mut seq = 0;
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(RulesError::Interrupted);
+            }
+            if first_error.load(Ordering::Relaxed) != u64::MAX {
+                return Ok(()); // the update is rejected anyway
+            }
+            let mut buf = spares.try_recv().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(&carry);
+            carry.clear();
+            // Fill to at least BLOCK bytes holding a newline (or to EOF), then cut after
+            // the last newline; the partial line after it starts the next block.
+            let mut eof = false;
+            loop {
+                if buf.len() >= BLOCK {
+                    if memchr::memrchr(b'\n', &buf).is_some() {
+                        break;
+                    }
+                    if buf.len() > MAX_LINE {
+                        return Err(file_error(format!(
+                            "a line longer than {MAX_LINE} bytes: not a rules file"
+                        )));
+                    }
+                }
+                let filled = buf.len();
+                buf.resize(filled + BLOCK, 0);
+                let n = read_retrying(&mut reader, &mut buf[filled..])
+                    .map_err(|e| file_error(format!("read error: {e}")))?;
+                buf.truncate(filled + n);
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+            }
+            if !eof {
+                let cut = memchr::memrchr(b'\n', &buf).expect("checked above") + 1;
+                carry.extend_from_slice(&buf[cut..]);
+                buf.truncate(cut);
+            }
+            if !buf.is_empty() {
+                let block = Block {
+                    file: file_index,
+                    seq,
+                    data: buf,
+                };
+                seq += 1;
+                if blocks.send(block).is_err() {
+                    return Ok(());
+                }
+            }
+            if eof {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_retrying(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+fn position(file: usize, seq: usize) -> u64 {
+    ((file as u64) << 32) | seq as u64
+}
+
+fn parse_blocks(
+    blocks: &Mutex<mpsc::Receiver<Block>>,
+    spares: mpsc::Sender<Vec<u8>>,
+    first_error: &AtomicU64,
+) -> Output {
+    let mut out = Output {
+        v4: Chunked::new(),
+        v6: Chunked::new(),
+        lines: Vec::new(),
+        error: None,
+    };
+    loop {
+        let block = match blocks.lock().expect("block queue").recv() {
+            Ok(block) => block,
+            Err(_) => return out,
+        };
+        let here = position(block.file, block.seq);
+        let mut lines = 0;
+        if first_error.load(Ordering::Relaxed) < here {
+            // An earlier block is bad: the update is rejected; only count lines.
+            lines = memchr::memchr_iter(b'\n', &block.data).count()
+                + usize::from(!block.data.ends_with(b"\n"));
+        } else {
+            let mut rest = &block.data[..];
+            while !rest.is_empty() {
+                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+                let line = &rest[..end];
+                rest = &rest[end..];
+                lines += 1;
+                if let Some((action, addr, len)) = fast_line(line) {
+                    out.v4.push(Entry { addr, len, action });
+                    continue;
+                }
+                let Some((action, text)) = split_rule(line) else {
+                    continue;
+                };
+                match parse_rule(text) {
+                    Ok(Rule::V4(addr, len)) => out.v4.push(Entry { addr, len, action }),
+                    Ok(Rule::V6(addr, len)) => out.v6.push(Entry { addr, len, action }),
+                    Err(message) => {
+                        if out.error.is_none() {
+                            out.error = Some((block.file, block.seq, lines, message));
+                        }
+                        first_error.fetch_min(here, Ordering::Relaxed);
+                        // The rest of the block only needs counting.
+                        break;
+                    }
+                }
+            }
+            if out
+                .error
+                .as_ref()
+                .is_some_and(|e| (e.0, e.1) == (block.file, block.seq))
+            {
+                lines = memchr::memchr_iter(b'\n', &block.data).count()
+                    + usize::from(!block.data.ends_with(b"\n"));
+            }
+        }
+        out.lines.push((block.file, block.seq, lines));
+        let _ = spares.send(block.data);
+    }
 }
 
 impl fmt::Display for Counts {
@@ -464,19 +865,102 @@ mod tests {
     #[test]
     fn every_format_feature() {
         let dir = dir_with(&[
-            ("a", b"# comment\n\n  203.0.113.0/24  # trailing\n198.51.100.7\n!203.0.113.128/25\n2001:db8::/32\n! 2001:db8:1::/48\n203.0.113.0/24\n"),
-            ("b.gz", &gz("10.0.0.0/8\n!10.1.2.0/24\n")),
+            ("a", b"# comment\n\n  203.0.113.0/24  # trailing\n198.51.100.7\n!203.0.113.128/25\n2001:db8::/32\n! 2001:db8:1::/48\n203.0.113.0/24\r\n\t0.0.0.0/0 # everything \xe2\x80\x94 em dash in a comment\n"),
+            ("b.gz", &gz("10.0.0.0/8\n!10.1.2.0/24\n2001:DB8:2::1")),
             (".hidden", b"not a rule"),
         ]);
         let parsed = parse_dir(dir.path()).unwrap();
         let c = parsed.rules.counts();
-        assert_eq!((c.v4_deny, c.v4_allow, c.v6_deny, c.v6_allow), (3, 2, 1, 1));
+        assert_eq!((c.v4_deny, c.v4_allow, c.v6_deny, c.v6_allow), (4, 2, 2, 1));
         assert_eq!(parsed.files, 2);
+        assert_eq!(parsed.lines, 12);
         assert!(parsed.rules.v4.contains(&Entry {
             addr: u32::from(Ipv4Addr::new(198, 51, 100, 7)),
             len: 32,
             action: Action::Deny
         }));
+        assert!(parsed.rules.v4.contains(&Entry {
+            addr: 0,
+            len: 0,
+            action: Action::Deny
+        }));
+        assert!(parsed.rules.v6.contains(&Entry {
+            addr: u128::from("2001:db8:2::1".parse::<Ipv6Addr>().unwrap()),
+            len: 128,
+            action: Action::Deny
+        }));
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_standard_parsers() {
+        for text in [
+            "1.2.3.4",
+            "1.2.3.4/32",
+            "0.0.0.0/0",
+            "255.255.255.255",
+            "10.0.0.0/8",
+            "01.2.3.4",
+            "1.2.3.04/32",
+            "256.1.1.1",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1.2.3.4/33",
+            "1.2.3.4/",
+            "1.2.3.4/08",
+            "1.2.3.4 /8",
+            "1.2.3.4/8x",
+            "1..2.3",
+            "1.2.3.4/32/1",
+            "1234.1.1.1",
+            "::1",
+            "",
+        ] {
+            let fast = fast_v4(text.as_bytes());
+            let std = if text.contains('/') {
+                text.parse::<ipnet::Ipv4Net>()
+                    .ok()
+                    .map(|n| (u32::from(n.addr()), n.prefix_len()))
+            } else {
+                text.parse::<Ipv4Addr>().ok().map(|a| (u32::from(a), 32))
+            };
+            if let Some(f) = fast {
+                assert_eq!(Some(f), std, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fast_line_agrees_with_the_general_path() {
+        let lines: [&[u8]; 14] = [
+            b"1.2.3.4\n",
+            b"  !  10.0.0.0/8  # x\r\n",
+            b"\t1.2.3.0/24#c",
+            b"1.2.3.4/8\n",
+            b"1.2.3.4 5.6.7.8",
+            b"!!1.2.3.4",
+            b"1.2.3.4/\n",
+            b"# 1.2.3.4",
+            b"",
+            b"   \n",
+            b"1.2.3.4x",
+            b"1.2.3.4\x0b",
+            b"::1",
+            b"1.2.3.4/32 # \xff",
+        ];
+        for line in lines {
+            let general = split_rule(line).map(|(a, t)| (a, parse_rule(t)));
+            match fast_line(line) {
+                Some((action, addr, len)) => {
+                    assert_eq!(general, Some((action, Ok(Rule::V4(addr, len)))), "{line:?}")
+                }
+                // Only vertical tab (whitespace to `str::trim`, not to the byte trim)
+                // is simple yet left to the general path.
+                None => assert!(
+                    !matches!(general, Some((_, Ok(Rule::V4(..))))) || line.contains(&0x0b),
+                    "{line:?}: fast path missed a simple line"
+                ),
+            }
+        }
     }
 
     #[test]
@@ -504,11 +988,51 @@ mod tests {
                 .contains("y:1: not valid UTF-8")
         );
         let dir = dir_with(&[("x.gz", b"not gzip")]);
+        let err = parse_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("x.gz") && !err.is_about_content());
+    }
+
+    #[test]
+    fn the_first_error_is_reported_with_its_line_across_blocks() {
+        // Several blocks, errors in more than one: the first one, with its line.
+        let mut text = String::new();
+        for i in 0..400_000u32 {
+            text.push_str(&format!("{}\n", Ipv4Addr::from(0x0b00_0000 + i)));
+        }
+        text.push_str("11.0.0.1/8\n"); // line 400001
+        for i in 0..300_000u32 {
+            text.push_str(&format!("{}\n", Ipv4Addr::from(0x0c00_0000 + i)));
+        }
+        text.push_str("nonsense\n");
+        let dir = dir_with(&[
+            ("a", b"1.1.1.1\n"),
+            ("big", text.as_bytes()),
+            ("z", b"bad\n"),
+        ]);
+        let err = parse_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("big:400001: 11.0.0.1/8 has host bits set"),
+            "{err}"
+        );
+        // Without the errors: every line counted, every rule kept.
+        let good = text.replace("11.0.0.1/8\n", "").replace("nonsense\n", "");
+        let dir = dir_with(&[("big.gz", &gz(&good)), ("big2", good.as_bytes())]);
+        let parsed = parse_dir(dir.path()).unwrap();
+        assert_eq!(parsed.lines, 1_400_000);
+        assert_eq!(parsed.rules.v4.len(), 700_000);
+        assert!(parsed.rules.v4.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_last_line_without_newline_and_a_huge_line() {
+        let dir = dir_with(&[("a", b"1.1.1.1\n2.2.2.2")]);
+        assert_eq!(parse_dir(dir.path()).unwrap().rules.v4.len(), 2);
+        let dir = dir_with(&[("a", &vec![b'x'; 3 * MAX_LINE])]);
         assert!(
             parse_dir(dir.path())
                 .unwrap_err()
                 .to_string()
-                .contains("x.gz")
+                .contains("a line longer than")
         );
     }
 
@@ -525,9 +1049,9 @@ mod tests {
     }
 
     #[test]
-    fn missing_dir_is_an_empty_set() {
-        let parsed = parse_dir(Path::new("/nonexistent/egress-deny")).unwrap();
-        assert!(parsed.dir_missing && parsed.rules.len() == 0);
+    fn missing_dir_is_not_found() {
+        let err = rule_files(Path::new("/nonexistent/egress-deny")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]
@@ -541,88 +1065,79 @@ mod tests {
         let parsed = parse_dir(dir.path()).unwrap();
         assert_eq!(parsed.rules.counts().v4_deny, 1);
         assert_eq!(parsed.files, 1);
-    }
 
-    fn e(addr: u32, len: u8, action: Action) -> Entry<u32> {
-        Entry { addr, len, action }
-    }
-
-    /// Longest-prefix decision over a set of entries (the datapath's semantics).
-    fn decide(entries: &[Entry<u32>], dst: u32) -> Action {
-        entries
-            .iter()
-            .filter(|x| mask4(dst, x.len) == x.addr)
-            .max_by_key(|x| x.len)
-            .map(|x| x.action)
-            .unwrap_or(Action::Allow)
+        // The fingerprint follows the swap, and only the swap.
+        let files = rule_files(dir.path()).unwrap();
+        let before = Fingerprint::of(&files).unwrap();
+        let data2 = dir.path().join("..2026_11_22_10_00_01.2");
+        fs::create_dir(&data2).unwrap();
+        fs::write(data2.join("list"), "192.0.2.0/24\n").unwrap();
+        assert_eq!(Fingerprint::of(&files).unwrap(), before);
+        std::os::unix::fs::symlink("..2026_11_22_10_00_01.2", dir.path().join("..tmp")).unwrap();
+        fs::rename(dir.path().join("..tmp"), dir.path().join("..data")).unwrap();
+        assert_ne!(Fingerprint::of(&files).unwrap(), before);
     }
 
     #[test]
-    fn plan_never_allows_what_both_sets_deny() {
-        // Exhaustive over small random sets in a tiny address space (8 bits, lengths 24..=32
-        // on 0xC0000000 + x): every intermediate state after every single operation.
-        let base = 0xC000_0000u32;
-        let mut seed = 7u64;
-        let mut rand = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..3000 {
-            let mut make = || {
-                let mut set: Vec<Entry<u32>> = (0..(rand() % 6))
-                    .map(|_| {
-                        let len = 24 + (rand() % 9) as u8;
-                        let action = if rand() % 2 == 0 {
-                            Action::Deny
-                        } else {
-                            Action::Allow
-                        };
-                        e(mask4(base + (rand() % 256) as u32, len), len, action)
-                    })
-                    .collect();
-                set.sort_unstable();
-                set.dedup_by_key(|x| x.key());
-                set
-            };
-            let (old, new) = (make(), make());
-            let p = plan(&old, &new);
-            let mut state = old.clone();
-            let check = |state: &Vec<Entry<u32>>| {
-                for dst in 0..256u32 {
-                    let d = base + dst;
-                    if decide(&old, d) == Action::Deny && decide(&new, d) == Action::Deny {
-                        assert_eq!(
-                            decide(state, d),
-                            Action::Deny,
-                            "old {old:?} new {new:?} state {state:?}"
-                        );
-                    }
+    fn a_recent_change_is_never_taken_as_seen() {
+        let dir = dir_with(&[("a", b"1.1.1.1\n")]);
+        let files = rule_files(dir.path()).unwrap();
+        let fp = Fingerprint::of(&files).unwrap();
+        let now = SystemTime::now();
+        assert!(!fp.seen_by_parse_at(&fp, now));
+        assert!(fp.seen_by_parse_at(&fp, now + std::time::Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn digest_tells_sets_apart() {
+        let dir = dir_with(&[("a", b"1.1.1.1\n!2.2.2.0/24\n")]);
+        let a = parse_dir(dir.path()).unwrap().rules;
+        let dir = dir_with(&[("a", b"1.1.1.1\n2.2.2.0/24\n")]);
+        let b = parse_dir(dir.path()).unwrap().rules;
+        assert_ne!(a.digest(), b.digest());
+        assert_eq!(a.digest(), a.clone().digest());
+    }
+
+    /// `cargo test --release -p egress-deny-installer -- --ignored --nocapture parse_speed`
+    #[test]
+    #[ignore]
+    fn parse_speed() {
+        let mut text = String::new();
+        let mut s = 88172645463325252u64;
+        for _ in 0..1_000_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let addr = (s >> 32) as u32;
+            text.push_str(&format!("{}\n", Ipv4Addr::from(addr)));
+        }
+        let dir = dir_with(&[("feed", text.as_bytes())]);
+        let files = rule_files(dir.path()).unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let mut n = 0u64;
+            let mut rest = text.as_bytes();
+            while !rest.is_empty() {
+                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+                let line = &rest[..end];
+                rest = &rest[end..];
+                if let Some((_, a, _)) = fast_line(line) {
+                    n = n.wrapping_add(u64::from(a));
                 }
-            };
-            let apply_upsert = |state: &mut Vec<Entry<u32>>, x: &Entry<u32>| {
-                state.retain(|y| y.key() != x.key());
-                state.push(*x);
-            };
-            for x in &p.upsert_deny {
-                apply_upsert(&mut state, x);
-                check(&state);
             }
-            for x in &p.remove_allow {
-                state.retain(|y| y.key() != x.key());
-                check(&state);
-            }
-            for x in &p.upsert_allow {
-                apply_upsert(&mut state, x);
-                check(&state);
-            }
-            for x in &p.remove_deny {
-                state.retain(|y| y.key() != x.key());
-                check(&state);
-            }
-            state.sort_unstable();
-            assert_eq!(state, new, "plan does not reach the new set");
+            eprintln!("single thread, in memory: {:?} ({n})", t.elapsed());
+        }
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let (mut v4, _, _) = pipeline(&files, &AtomicBool::new(false)).unwrap();
+            let parsed = t.elapsed();
+            sort_dedup(&mut v4);
+            eprintln!(
+                "1M lines: {:?} ({:?} parsing, {} rules)",
+                t.elapsed(),
+                parsed,
+                v4.len()
+            );
         }
     }
 }

@@ -16,7 +16,10 @@ use egress_deny_datapath::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{LookupArgs, StateArgs};
+use crate::{
+    cli::{LookupArgs, StateArgs},
+    rules::RuleSet,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -42,9 +45,44 @@ pub struct SyncStatus {
     pub files: usize,
 }
 
+/// What the daemon last enforced, so that a restarted daemon with unchanged rules need
+/// not read millions of entries back from the maps. Absent while an update is being
+/// applied (the maps are then a mix, and a restarted daemon reads them back).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnforcedRecord {
+    /// `RuleSet::digest` in hex (JSON numbers lose precision past 2^53).
+    pub digest: String,
+    /// Kernel IDs of the (IPv4, IPv6) maps it is about: a replaced map is not.
+    pub map_ids: [u32; 2],
+    pub rules: RuleCounts,
+}
+
+impl EnforcedRecord {
+    pub fn new(set: &RuleSet, map_ids: [u32; 2]) -> Self {
+        let c = set.counts();
+        Self {
+            digest: format!("{:016x}", set.digest()),
+            map_ids,
+            rules: RuleCounts {
+                v4_deny: c.v4_deny,
+                v4_allow: c.v4_allow,
+                v6_deny: c.v6_deny,
+                v6_allow: c.v6_allow,
+            },
+        }
+    }
+
+    pub fn matches(&self, set: &RuleSet) -> bool {
+        self.digest == format!("{:016x}", set.digest())
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DaemonStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced: Option<EnforcedRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync: Option<SyncStatus>,
     /// Unix seconds of the last successful sync.
@@ -74,6 +112,26 @@ impl DaemonStatus {
         let bytes = std::fs::read(status_path(state_dir)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+pub fn rfc3339(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 pub fn now() -> u64 {
@@ -159,7 +217,7 @@ pub fn run_status(args: &StateArgs) -> Result<()> {
                 writeln!(
                     out,
                     "last sync: {} ({}s ago), {} ms, {} map operations, {}",
-                    sync.time,
+                    rfc3339(sync.time),
                     now().saturating_sub(sync.time),
                     sync.duration_ms,
                     sync.operations,
@@ -241,4 +299,14 @@ pub fn run_lookup(args: &LookupArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_350_245), "2026-11-22T12:24:05Z");
+    }
 }

@@ -1,134 +1,298 @@
-//! Applying a parsed rule set to the pinned maps as a diff against what is enforced.
-use std::net::IpAddr;
+//! Applying a parsed rule set to the pinned maps as a diff against what is enforced,
+//! in the gap-free phase order of `plan`.
+use std::{
+    net::IpAddr,
+    ops::ControlFlow,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+};
 
 use egress_deny_datapath::{paths::PinLayout, rules::RuleMaps};
 use ipnet::IpNet;
 
-use crate::rules::{Entry, Plan, RuleSet, plan};
+use crate::{
+    plan::{self, Phase},
+    rules::{Address, Entry, RuleSet},
+    status::EnforcedRecord,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Map(#[from] egress_deny_datapath::Error),
+    #[error(
+        "interrupted (shutting down); the maps hold a mix of the old and new rules that denies everything both deny"
+    )]
+    Interrupted,
+}
+
+/// How the set enforced before the first sync was learnt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline {
+    /// The previous daemon's record matched these maps and these rules: no walk.
+    Recorded,
+    /// Read back from the maps, entry by entry.
+    Walked,
+}
 
 pub struct Syncer {
     layout: PinLayout,
     maps: RuleMaps,
-    /// What the maps hold, kept in memory so that each update is a diff.
-    enforced: RuleSet,
+    /// What the maps hold, kept in memory so that each update is a diff. `None` until
+    /// the first sync after start: learnt then (see `apply`).
+    enforced: Option<RuleSet>,
+    /// What the previous daemon recorded as enforced, if anything.
+    recorded: Option<EnforcedRecord>,
+    map_ids: (u32, u32),
 }
 
+/// Below this, one thread; above, the phase is fed to two (the trie serialises the
+/// insert itself, but the syscall work around it overlaps).
+const PARALLEL_THRESHOLD: usize = 20_000;
+const BATCH: usize = 4096;
+
 impl Syncer {
-    /// Opens the pinned maps and reads what they enforce (after a restart: the previous
-    /// daemon's rules, which stay in force until the first sync replaces them).
-    pub fn open(layout: &PinLayout) -> egress_deny_datapath::Result<Self> {
+    /// Opens the pinned maps. `recorded` is what the previous daemon recorded as
+    /// enforced (its status file), trusted only if it names these very maps.
+    pub fn open(
+        layout: &PinLayout,
+        recorded: Option<EnforcedRecord>,
+    ) -> egress_deny_datapath::Result<Self> {
         let maps = RuleMaps::open(layout)?;
-        let enforced = read_enforced(&maps)?;
+        let map_ids = egress_deny_datapath::rules::rule_map_ids(layout)?;
+        let recorded = recorded.filter(|r| r.map_ids == [map_ids.0, map_ids.1]);
         Ok(Self {
             layout: layout.clone(),
             maps,
-            enforced,
+            enforced: None,
+            recorded,
+            map_ids,
         })
     }
 
-    pub fn enforced(&self) -> &RuleSet {
-        &self.enforced
+    /// The set enforced, once known (after the first sync attempt).
+    pub fn enforced(&self) -> Option<&RuleSet> {
+        self.enforced.as_ref()
     }
 
-    /// Applies `new` in the gap-free order of `rules::Plan`. Returns the number of map
-    /// operations. On a map error the in-memory view is re-read from the maps.
-    pub fn apply(&mut self, new: RuleSet) -> egress_deny_datapath::Result<usize> {
-        let plan4 = plan(&self.enforced.v4, &new.v4);
-        let plan6 = plan(&self.enforced.v6, &new.v6);
-        let ops = plan4.operations() + plan6.operations();
-        let result = self.run(&plan4, &plan6);
+    /// What the previous daemon recorded about these maps, until the first sync.
+    pub fn recorded(&self) -> Option<&EnforcedRecord> {
+        self.recorded.as_ref()
+    }
+
+    /// The record describing `set` in these maps.
+    pub fn record_of(&self, set: &RuleSet) -> EnforcedRecord {
+        EnforcedRecord::new(set, [self.map_ids.0, self.map_ids.1])
+    }
+
+    /// Makes sure the enforced set is known: trusted from the record when it describes
+    /// exactly `new` (a restart with unchanged rules: nothing to walk, nothing to do),
+    /// read back from the maps otherwise.
+    pub fn learn_baseline(
+        &mut self,
+        new: &RuleSet,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Baseline>, SyncError> {
+        if self.enforced.is_some() {
+            return Ok(None);
+        }
+        let recorded = self.recorded.take();
+        if recorded.is_some_and(|r| r.matches(new)) {
+            self.enforced = Some(new.clone());
+            return Ok(Some(Baseline::Recorded));
+        }
+        self.enforced = Some(read_enforced(&self.maps, cancel)?);
+        Ok(Some(Baseline::Walked))
+    }
+
+    /// Whether the maps hold any entry (cheap: the first key of each trie at most).
+    pub fn maps_hold_rules(&self) -> bool {
+        if let Some(set) = &self.enforced {
+            return !set.is_empty();
+        }
+        let mut any = false;
+        let _ = self.maps.for_each_v4(|_, _, _| {
+            any = true;
+            ControlFlow::Break(())
+        });
+        let _ = self.maps.for_each_v6(|_, _, _| {
+            any = true;
+            ControlFlow::Break(())
+        });
+        any
+    }
+
+    /// Applies `new` (after `learn_baseline`). Returns the number of map operations.
+    /// `before_changes` runs once before the first map operation, if there is one.
+    /// On failure the in-memory view is re-read from the maps (it is a mix).
+    pub fn apply(
+        &mut self,
+        new: RuleSet,
+        cancel: &AtomicBool,
+        before_changes: impl FnOnce(),
+    ) -> Result<usize, SyncError> {
+        let old = self.enforced.take().unwrap_or_default();
+        let counts4 = plan::count(&old.v4, &new.v4);
+        let counts6 = plan::count(&old.v6, &new.v6);
+        let ops = counts4.iter().chain(&counts6).sum();
+        if ops > 0 {
+            before_changes();
+        }
+        // Phase by phase, both families, so the ordering argument of `plan` holds.
+        let result = Phase::ORDER.into_iter().try_for_each(|phase| {
+            let i = phase.index();
+            self.run_phase(phase, &old.v4, &new.v4, counts4[i], cancel, V4)?;
+            self.run_phase(phase, &old.v6, &new.v6, counts6[i], cancel, V6)
+        });
         match result {
             Ok(()) => {
-                self.enforced = new;
+                self.enforced = Some(new);
                 Ok(ops)
             }
             Err(e) => {
-                if let Ok(actual) = read_enforced(&self.maps) {
-                    self.enforced = actual;
+                drop(old);
+                if !matches!(e, SyncError::Interrupted) {
+                    self.enforced = read_enforced(&self.maps, cancel).ok();
                 }
                 Err(e)
             }
         }
     }
 
-    fn run(&mut self, p4: &Plan<u32>, p6: &Plan<u128>) -> egress_deny_datapath::Result<()> {
-        // Phase by phase, both families, so the ordering argument of `Plan` holds. Within
-        // a phase the order does not matter: big phases are split over two threads (the
-        // trie serialises the insert itself, but the syscall work around it overlaps).
-        let layout = self.layout.clone();
+    fn run_phase<A: Address>(
+        &mut self,
+        phase: Phase,
+        old: &[Entry<A>],
+        new: &[Entry<A>],
+        count: usize,
+        cancel: &AtomicBool,
+        family: Family<A>,
+    ) -> Result<(), SyncError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let apply = |maps: &mut RuleMaps, e: &Entry<A>| -> egress_deny_datapath::Result<()> {
+            if phase.is_removal() {
+                (family.remove)(maps, e)
+            } else {
+                (family.upsert)(maps, e)
+            }
+        };
+        if count < PARALLEL_THRESHOLD {
+            let mut result = Ok(());
+            plan::walk(old, new, |p, e| {
+                if p == phase && result.is_ok() {
+                    result = apply(&mut self.maps, &e);
+                }
+            });
+            return Ok(result?);
+        }
+        // The walk (cheap) feeds batches to two appliers (one syscall per entry).
+        let (tx, rx) = mpsc::sync_channel::<Vec<Entry<A>>>(4);
+        let rx = Mutex::new(rx);
+        let failed = AtomicBool::new(false);
+        let mut helper_maps = RuleMaps::open(&self.layout)?;
+        let worker = |maps: &mut RuleMaps| -> Result<(), SyncError> {
+            loop {
+                let batch = match rx.lock().expect("batch queue").recv() {
+                    Ok(batch) => batch,
+                    Err(_) => return Ok(()),
+                };
+                if cancel.load(Ordering::Relaxed) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(SyncError::Interrupted);
+                }
+                if let Err(e) = batch.iter().try_for_each(|e| apply(maps, e)) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            }
+        };
         let maps = &mut self.maps;
-        apply_phase(maps, &layout, &p4.upsert_deny, |m, e| {
-            m.insert_v4(e.addr.to_be_bytes(), e.len, e.action)
-        })?;
-        apply_phase(maps, &layout, &p6.upsert_deny, |m, e| {
-            m.insert_v6(e.addr.to_be_bytes(), e.len, e.action)
-        })?;
-        apply_phase(maps, &layout, &p4.remove_allow, |m, e| {
-            m.remove_v4(e.addr.to_be_bytes(), e.len)
-        })?;
-        apply_phase(maps, &layout, &p6.remove_allow, |m, e| {
-            m.remove_v6(e.addr.to_be_bytes(), e.len)
-        })?;
-        apply_phase(maps, &layout, &p4.upsert_allow, |m, e| {
-            m.insert_v4(e.addr.to_be_bytes(), e.len, e.action)
-        })?;
-        apply_phase(maps, &layout, &p6.upsert_allow, |m, e| {
-            m.insert_v6(e.addr.to_be_bytes(), e.len, e.action)
-        })?;
-        apply_phase(maps, &layout, &p4.remove_deny, |m, e| {
-            m.remove_v4(e.addr.to_be_bytes(), e.len)
-        })?;
-        apply_phase(maps, &layout, &p6.remove_deny, |m, e| {
-            m.remove_v6(e.addr.to_be_bytes(), e.len)
-        })?;
-        Ok(())
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| worker(maps));
+            let b = scope.spawn(|| worker(&mut helper_maps));
+            let mut batch = Vec::with_capacity(BATCH);
+            plan::walk(old, new, |p, e| {
+                if p != phase || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                batch.push(e);
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    let _ = tx.send(full);
+                }
+            });
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
+            drop(tx);
+            let ra = a.join().unwrap_or_else(|_| Err(panicked()));
+            let rb = b.join().unwrap_or_else(|_| Err(panicked()));
+            ra.and(rb)
+        })
     }
 }
 
-/// Below this, a second thread costs more than it saves.
-const PARALLEL_THRESHOLD: usize = 20_000;
-
-fn apply_phase<A: Sync>(
-    maps: &mut RuleMaps,
-    layout: &PinLayout,
-    entries: &[Entry<A>],
-    op: impl Fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()> + Sync,
-) -> egress_deny_datapath::Result<()> {
-    if entries.len() < PARALLEL_THRESHOLD {
-        return entries.iter().try_for_each(|e| op(maps, e));
-    }
-    let (first, second) = entries.split_at(entries.len() / 2);
-    let mut other = RuleMaps::open(layout)?;
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(|| second.iter().try_for_each(|e| op(&mut other, e)));
-        let mine = first.iter().try_for_each(|e| op(maps, e));
-        let theirs = helper.join().unwrap_or_else(|_| {
-            Err(egress_deny_datapath::Error::Invalid(
-                "map worker panicked".into(),
-            ))
-        });
-        mine.and(theirs)
-    })
+fn panicked() -> SyncError {
+    SyncError::Map(egress_deny_datapath::Error::Invalid(
+        "map worker panicked".into(),
+    ))
 }
 
-fn read_enforced(maps: &RuleMaps) -> egress_deny_datapath::Result<RuleSet> {
+/// The map operations of one address family.
+struct Family<A> {
+    upsert: fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()>,
+    remove: fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()>,
+}
+
+const V4: Family<u32> = Family {
+    upsert: |m, e| m.insert_v4(e.addr.to_be_bytes(), e.len, e.action),
+    remove: |m, e| m.remove_v4(e.addr.to_be_bytes(), e.len),
+};
+
+const V6: Family<u128> = Family {
+    upsert: |m, e| m.insert_v6(e.addr.to_be_bytes(), e.len, e.action),
+    remove: |m, e| m.remove_v6(e.addr.to_be_bytes(), e.len),
+};
+
+/// Reads every entry back from the maps (two syscalls per entry: slow for millions).
+fn read_enforced(maps: &RuleMaps, cancel: &AtomicBool) -> Result<RuleSet, SyncError> {
     let mut set = RuleSet::default();
+    let mut seen = 0usize;
+    let mut go_on = || {
+        seen += 1;
+        if seen.is_multiple_of(4096) && cancel.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
     maps.for_each_v4(|octets, len, action| {
         set.v4.push(Entry {
             addr: u32::from_be_bytes(octets),
             len,
             action,
-        })
+        });
+        go_on()
     })?;
     maps.for_each_v6(|octets, len, action| {
         set.v6.push(Entry {
             addr: u128::from_be_bytes(octets),
             len,
             action,
-        })
+        });
+        go_on()
     })?;
-    set.v4.sort_unstable();
-    set.v6.sort_unstable();
+    if cancel.load(Ordering::Relaxed) {
+        return Err(SyncError::Interrupted);
+    }
+    u32::sort(&mut set.v4);
+    u128::sort(&mut set.v6);
+    set.v4.shrink_to_fit();
     Ok(set)
 }
 
