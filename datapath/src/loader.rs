@@ -9,7 +9,7 @@ use std::{fs, io, path::Path};
 use aya::{
     EbpfLoader,
     maps::{MapInfo, MapType},
-    programs::SchedClassifier,
+    programs::{ProgramInfo, SchedClassifier},
 };
 use egress_deny_common::{EVENTS_RING_BYTES, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY};
 
@@ -95,10 +95,16 @@ pub struct LoadReport {
     pub maps: Vec<(&'static str, MapOutcome)>,
     /// Kernel program IDs of the freshly pinned programs.
     pub programs: Vec<(ProgramKind, u32)>,
+    /// The new programs read rule maps that the program in use does not (a rule map was
+    /// replaced now or by an earlier, interrupted start): they are pinned at the staged
+    /// paths, and every attachment keeps the program in use and its rules until
+    /// [`promote_staged`] runs after the new maps hold a valid rule set.
+    pub staged: bool,
 }
 
-/// Loads the embedded object, reusing compatible pinned maps, and pins both programs
-/// (replacing older program pins atomically by rename).
+/// Loads the embedded object, reusing compatible pinned maps, and pins both programs:
+/// in place of the current ones (atomically, by rename) when they read the same rule
+/// maps, staged otherwise (see [`LoadReport::staged`]).
 pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
     ensure_bpffs(layout.root())?;
     for dir in [layout.root().to_path_buf(), layout.links_dir()] {
@@ -106,6 +112,8 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
 
+    // The rule maps the attachments read today, before anything is replaced.
+    let in_use = rule_maps_in_use(layout)?;
     let mut maps = Vec::new();
     for spec in MAP_SPECS {
         let path = layout.map(spec.name);
@@ -140,6 +148,10 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Load(Box::new(e)))?;
 
+    let pinned_rules = crate::rules::rule_map_ids(layout)?;
+    let staged = in_use
+        .as_ref()
+        .is_some_and(|ids| !ids.contains(&pinned_rules.0) || !ids.contains(&pinned_rules.1));
     let mut programs = Vec::new();
     for kind in ProgramKind::ALL {
         let program: &mut SchedClassifier = ebpf
@@ -154,7 +166,13 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
             .info()
             .map_err(|e| Error::program("reading program info", e))?
             .id();
-        let final_path = layout.program(kind);
+        let final_path = if staged {
+            layout.staged_program(kind)
+        } else {
+            // A staged program of an interrupted upgrade is superseded by this one.
+            let _ = fs::remove_file(layout.staged_program(kind));
+            layout.program(kind)
+        };
         let tmp_path = layout.root().join(format!("{}_new", kind.name()));
         let _ = fs::remove_file(&tmp_path);
         program.pin(&tmp_path).map_err(|e| Error::Pin {
@@ -165,7 +183,42 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
             .map_err(|e| Error::io(format!("replacing {}", final_path.display()), e))?;
         programs.push((kind, id));
     }
-    Ok(LoadReport { maps, programs })
+    Ok(LoadReport {
+        maps,
+        programs,
+        staged,
+    })
+}
+
+/// IDs of the maps the pinned (in use) Ethernet program reads; `None` when no program
+/// is pinned (first start, or after `uninstall`).
+fn rule_maps_in_use(layout: &PinLayout) -> Result<Option<Vec<u32>>> {
+    let path = layout.program(ProgramKind::Ethernet);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let info = ProgramInfo::from_pin(&path)
+        .map_err(|e| Error::program(format!("inspecting {}", path.display()), e))?;
+    info.map_ids()
+        .map_err(|e| Error::program(format!("map IDs of {}", path.display()), e))
+}
+
+/// Makes the staged programs the ones in use (each by an atomic rename). Call once the
+/// pinned rule maps hold a valid rule set; attachments are then moved to the new
+/// program by the caller. Returns whether anything was staged.
+pub fn promote_staged(layout: &PinLayout) -> Result<bool> {
+    let mut promoted = false;
+    for kind in ProgramKind::ALL {
+        let staged = layout.staged_program(kind);
+        if !staged.exists() {
+            continue;
+        }
+        let path = layout.program(kind);
+        fs::rename(&staged, &path)
+            .map_err(|e| Error::io(format!("promoting {}", staged.display()), e))?;
+        promoted = true;
+    }
+    Ok(promoted)
 }
 
 fn describe_mismatch(spec: &MapSpec, info: &MapInfo) -> Option<String> {

@@ -4,6 +4,8 @@
 //! ```text
 //! <pinDir>/egress_deny        program for Ethernet devices
 //! <pinDir>/egress_deny_l3     program for L3 devices (wireguard, ipip, tun)
+//! <pinDir>/egress_deny_staged, egress_deny_l3_staged
+//!                             a new program waiting for its new rule maps to be filled
 //! <pinDir>/v4_rules           LPM trie, IPv4 rules
 //! <pinDir>/v6_rules           LPM trie, IPv6 rules
 //! <pinDir>/counters           per-CPU counters per attachment (ifindex)
@@ -37,6 +39,7 @@ pub const PROGRAM_ETHERNET: &str = "egress_deny";
 pub const PROGRAM_L3: &str = "egress_deny_l3";
 
 const LINKS_DIR: &str = "links";
+const STAGED_SUFFIX: &str = "_staged";
 const POD_LINK_PREFIX: &str = "pod_";
 const HOST_LINK_PREFIX: &str = "host_";
 const ATTACHMENTS_DIR: &str = "attachments";
@@ -80,6 +83,12 @@ impl PinLayout {
 
     pub fn program(&self, kind: ProgramKind) -> PathBuf {
         self.root.join(kind.name())
+    }
+
+    /// A newly loaded program whose rule maps are not filled yet (an upgrade that
+    /// replaced a rule map): promoted to [`Self::program`] by rename once they are.
+    pub fn staged_program(&self, kind: ProgramKind) -> PathBuf {
+        self.root.join(format!("{}{STAGED_SUFFIX}", kind.name()))
     }
 
     pub fn links_dir(&self) -> PathBuf {

@@ -59,6 +59,9 @@ pub struct Shared {
     pub conf_dir: PathBuf,
     pub status: Mutex<DaemonStatus>,
     pub synced_once: AtomicBool,
+    /// This version's program waits for its (replaced) rule maps to be filled; until
+    /// then every attachment keeps the previous program and the rules it enforces.
+    pub staged: AtomicBool,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -90,7 +93,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         report.programs
     );
     events::set_events_per_second(&layout, args.deny_events_per_second)?;
-    move_attachments_to_current_program(&layout, &state);
+    if report.staged {
+        log::warn!(
+            "the rule maps were replaced: the new program stays staged, and every attachment keeps the previous program and its rules, until the new maps hold a valid rule set"
+        );
+    } else {
+        move_attachments_to_current_program(&layout, &state);
+    }
 
     let plugin_source = match &args.plugin_binary {
         Some(path) => path.clone(),
@@ -142,6 +151,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         conf_dir: args.cni.cni_conf_dir.clone(),
         status: Mutex::new(previous),
         synced_once: AtomicBool::new(false),
+        staged: AtomicBool::new(report.staged),
     });
 
     let (conf_tx, conf_rx) = mpsc::channel();
@@ -360,10 +370,13 @@ impl RulesSync {
                     CountsDisplay(&rules),
                 );
                 status.last_success = now();
-                shared.synced_once.store(true, Ordering::Relaxed);
                 if let Err(e) = events::mark_rules_loaded(&shared.layout) {
                     log::error!("marking the rules loaded: {e}");
                 }
+                if shared.staged.load(Ordering::Relaxed) {
+                    promote(shared);
+                }
+                shared.synced_once.store(true, Ordering::Relaxed);
                 (true, None, ops, files)
             }
             Err(Rejected::Interrupted) => {
@@ -386,6 +399,22 @@ impl RulesSync {
             files,
         });
         status.save(&args.state.state_dir);
+    }
+}
+
+/// The staged program's maps now hold a valid rule set: make it the program in use and
+/// move every attachment to it. On failure it stays staged (and not ready) and the next
+/// successful sync tries again; the previous program keeps enforcing meanwhile.
+fn promote(shared: &Shared) {
+    match loader::promote_staged(&shared.layout) {
+        Ok(_) => {
+            shared.staged.store(false, Ordering::Relaxed);
+            log::info!(
+                "the new rule maps hold a valid rule set: moving every attachment to the new program"
+            );
+            move_attachments_to_current_program(&shared.layout, &shared.state);
+        }
+        Err(e) => log::error!("promoting the staged program: {e}"),
     }
 }
 

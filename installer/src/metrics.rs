@@ -49,6 +49,11 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
             return Err(format!("map {map} is not pinned"));
         }
     }
+    if shared.staged.load(Ordering::Relaxed) {
+        return Err(
+            "upgrade staged: the replaced rule maps do not hold a valid rule set yet (the previous program keeps enforcing)".into(),
+        );
+    }
     // A valid rule set enforced in the pinned maps: synced by this daemon, or by a
     // previous one whose rules are still in force while the current files are rejected.
     if !shared.synced_once.load(Ordering::Relaxed)

@@ -1,0 +1,257 @@
+//! Faults that must never open a path to a denied destination: an upgrade that replaces
+//! a rule map, a rules volume that is not there. The real installer and plugin, a real
+//! CNI runtime, real packets.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use egress_deny_datapath::{
+    attach::{pinned_link_state, pinned_program},
+    paths::{ProgramKind, V4_RULES_MAP},
+};
+use egress_deny_tests::{
+    cni::{ALLOWED, CniNode, DENIED, Primary},
+    installer::{Installer, InstallerDirs},
+    probe::{ping, udp_through},
+    require_root, run, wait_until,
+};
+use serde_json::json;
+
+/// A node namespace with the bridge primary and an installer's dirs set up for it.
+fn node_with_bridge() -> Result<(CniNode, InstallerDirs, std::path::PathBuf)> {
+    let node = CniNode::new()?;
+    let dirs = InstallerDirs::new()?;
+    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
+    let conflist = dirs.conf_dir().join("10-bridge.conflist");
+    std::fs::write(&conflist, serde_json::to_vec(&primary)?)?;
+    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    Ok((node, dirs, conflist))
+}
+
+fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
+    Ok(pinned_program(&dirs.layout(), ProgramKind::Ethernet)?.1)
+}
+
+/// Another egress-deny version left a v4 rule map of another definition pinned, and
+/// the rules the new daemon finds are broken: before the fix the pods were moved to a
+/// program reading the new, empty map and stayed unfiltered for as long as the rules
+/// stayed broken (and new pods attached to it too, the node reporting ready).
+#[test]
+fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> {
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    installer.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
+    let old_program = program_in_use(&dirs)?;
+    installer.stop()?;
+
+    // The old program keeps its map (the kernel holds it); the pin now names another.
+    let v4 = dirs.layout().map(V4_RULES_MAP);
+    std::fs::remove_file(&v4)?;
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &v4.display().to_string(),
+            "type",
+            "lpm_trie",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            "1024",
+            "name",
+            "v4_rules",
+            "flags",
+            "1",
+        ],
+    )?;
+    dirs.publish_rules(&[("rules", b"198.51.100.0/33\n")])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    wait_until("the broken rules rejected", Duration::from_secs(20), || {
+        installer.log_text().contains("update rejected")
+    })?;
+    assert!(
+        installer
+            .log_text()
+            .contains("replaced an incompatible pinned map"),
+        "{}",
+        installer.log_text()
+    );
+    assert_eq!(
+        udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "the running pod lost its filter to the empty replacement map"
+    );
+    assert!(
+        !ping(&node.node, DENIED),
+        "the node's own traffic got through"
+    );
+    assert_eq!(program_in_use(&dirs)?, old_program, "moved before filled");
+    let (code, body) = installer.http("/readyz")?;
+    assert_ne!(code, 200, "ready on maps without a valid rule set: {body}");
+
+    // A pod started now is retried or filtered, never started unfiltered.
+    let late = node.pod()?;
+    match late.add(&conflist, "")? {
+        Ok(_) => assert_eq!(
+            udp_through(late.ns(), &node.server, DENIED, ALLOWED, 5)?,
+            0,
+            "a pod started during the upgrade is unfiltered"
+        ),
+        Err(failure) => assert_eq!(failure.code, 11, "{failure}"),
+    }
+
+    // Valid rules: the new maps are filled, then every attachment moves, still filtered.
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    installer.wait_ready()?;
+    let new_program = program_in_use(&dirs)?;
+    assert_ne!(new_program, old_program);
+    wait_until(
+        "the pod moved to the new program",
+        Duration::from_secs(10),
+        || {
+            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.prog_id == new_program)
+        },
+    )?;
+    assert!(!dirs.layout().staged_program(ProgramKind::Ethernet).exists());
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
+    assert_eq!(udp_through(pod.ns(), &node.server, ALLOWED, ALLOWED, 3)?, 3);
+    assert!(!ping(&node.node, DENIED));
+    Ok(())
+}
+
+/// A kill between replacing the map and filling it: the next start must still treat
+/// the (compatible, partly filled) new maps as staged, not as the maps in use.
+#[test]
+fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
+    installer.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let old_program = program_in_use(&dirs)?;
+    installer.stop()?;
+
+    let v4 = dirs.layout().map(V4_RULES_MAP);
+    std::fs::remove_file(&v4)?;
+    // Compatible with this version, but empty: what a daemon killed right after
+    // creating the replacement leaves behind.
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &v4.display().to_string(),
+            "type",
+            "lpm_trie",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            &egress_deny_common::MAX_RULES_PER_FAMILY.to_string(),
+            "name",
+            "v4_rules",
+            "flags",
+            "1",
+        ],
+    )?;
+    dirs.publish_rules(&[("rules", b"not a rule\n")])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
+    wait_until("the broken rules rejected", Duration::from_secs(20), || {
+        installer.log_text().contains("update rejected")
+    })?;
+    assert!(installer.log_text().contains("reusing the pinned map"));
+    assert_eq!(program_in_use(&dirs)?, old_program, "moved before filled");
+    assert_eq!(
+        udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "the pod lost its filter after a restart mid-upgrade"
+    );
+    assert_ne!(installer.http("/readyz")?.0, 200);
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    installer.wait_ready()?;
+    assert_ne!(program_in_use(&dirs)?, old_program);
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
+    Ok(())
+}
+
+/// A rules directory that is not there (volume not mounted, wrong flag) is an error:
+/// the enforced rules stay, and a node that never had rules stays not ready with ADD
+/// retried. An existing empty directory is a valid empty list.
+#[test]
+fn a_missing_rules_directory_is_an_error_that_keeps_the_enforced_rules() -> Result<()> {
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    let rules = dirs.rules_dir();
+    std::fs::remove_dir(&rules)?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
+    wait_until(
+        "the missing directory reported",
+        Duration::from_secs(20),
+        || installer.log_text().contains("does not exist"),
+    )?;
+    let (code, body) = installer.http("/readyz")?;
+    assert_ne!(code, 200, "ready without rules: {body}");
+    let pod = node.pod()?;
+    let failure = pod
+        .add(&conflist, "")?
+        .err()
+        .context("a pod started unfiltered on a node whose rules volume is missing")?;
+    assert_eq!(failure.code, 11, "{failure}");
+    installer.stop()?;
+
+    // Rules enforced, then the directory goes away: they stay.
+    std::fs::create_dir(&rules)?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
+    installer.wait_ready()?;
+    // (The refused pod's sandbox keeps the bridge's veth, as a runtime's would until
+    // its DEL: a new sandbox.)
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
+    std::fs::rename(&rules, dirs.root.path().join("rules-unmounted"))?;
+    wait_until(
+        "the missing directory reported",
+        Duration::from_secs(20),
+        || {
+            installer
+                .log_text()
+                .contains("the rules enforced before stay")
+        },
+    )?;
+    assert_eq!(
+        udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "a missing rules directory removed the enforced rules"
+    );
+    let lookup = dirs.cli(
+        Some(&node.node),
+        &[
+            "lookup",
+            &format!("--pin-dir={}", dirs.pin_dir.display()),
+            DENIED,
+        ],
+    )?;
+    assert!(lookup.contains(" deny "), "{lookup}");
+
+    // An existing, empty directory: a valid empty list.
+    std::fs::create_dir(&rules)?;
+    wait_until("the empty list applied", Duration::from_secs(20), || {
+        udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 1).is_ok_and(|n| n == 1)
+    })?;
+    assert_eq!(installer.http("/readyz")?.0, 200);
+    Ok(())
+}
