@@ -5,6 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use egress_deny_datapath::paths::{DEFAULT_PIN_DIR, DEFAULT_STATE_DIR};
 use ipnet::IpNet;
 
+use crate::rules;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "egress-deny-installer",
@@ -19,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the per-node daemon (DaemonSet).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove the conflist entry, detach everything, unpin, remove the plugin binary.
     Uninstall(UninstallArgs),
     /// Rules per family, attachments, last sync.
@@ -88,6 +90,34 @@ pub struct RunArgs {
     /// Deny events logged per second per attachment and CPU (0: off).
     #[arg(long, env = "EGRESS_DENY_DENY_EVENTS_PER_SECOND", default_value_t = 5)]
     pub deny_events_per_second: u32,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on one rules update: an update over any of them is rejected whole (the
+/// enforced rules stay) with an error naming the limit, rather than exhausting the
+/// daemon's memory.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Bytes of all rule files together, after gzip decompression.
+    #[arg(long, env = "EGRESS_DENY_MAX_RULES_BYTES", default_value_t = rules::DEFAULT_MAX_BYTES)]
+    pub max_rules_bytes: u64,
+    /// Rule lines (denies and exceptions, both families, duplicates included).
+    #[arg(long, env = "EGRESS_DENY_MAX_RULES", default_value_t = rules::DEFAULT_MAX_RULES)]
+    pub max_rules: u64,
+    /// Bytes in one line of a rule file.
+    #[arg(long, env = "EGRESS_DENY_MAX_LINE_BYTES", default_value_t = rules::DEFAULT_MAX_LINE)]
+    pub max_line_bytes: usize,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> rules::Limits {
+        rules::Limits {
+            max_bytes: self.max_rules_bytes,
+            max_rules: self.max_rules,
+            max_line: self.max_line_bytes,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -287,12 +287,21 @@ impl RulesSync {
                     }
                 )));
             }
-            Some(files) => rules::parse_files(files, cancel).map_err(|e| match e {
-                RulesError::Interrupted => Rejected::Interrupted,
-                e if e.is_about_content() => Rejected::Content(e.to_string()),
-                e => Rejected::Transient(e.to_string()),
-            })?,
+            Some(files) => {
+                rules::parse_files(files, &args.limits.limits(), cancel).map_err(|e| match e {
+                    RulesError::Interrupted => Rejected::Interrupted,
+                    e if e.is_about_content() => Rejected::Content(e.to_string()),
+                    e => Rejected::Transient(e.to_string()),
+                })?
+            }
         };
+        if let Some(files) = files
+            && !rules::still_current(&args.rules_dir, files)
+        {
+            return Err(Rejected::Transient(
+                "the rules directory was updated while it was read; reading the new version".into(),
+            ));
+        }
         // Said once per transition: the tick re-syncs when gateways change, and an
         // empty list is a valid (if unusual) state, not news every two seconds.
         let empty = files.is_some_and(|f| f.is_empty());

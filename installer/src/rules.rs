@@ -217,6 +217,9 @@ pub enum RulesError {
         deny_at: String,
         allow_at: String,
     },
+    /// Over one of the configured [`Limits`].
+    #[error("{0}")]
+    TooLarge(String),
     #[error("interrupted (shutting down)")]
     Interrupted,
 }
@@ -225,9 +228,43 @@ impl RulesError {
     /// Whether reading the same files again gives the same answer (content errors), as
     /// opposed to I/O trouble worth retrying.
     pub fn is_about_content(&self) -> bool {
-        matches!(self, RulesError::Line { .. } | RulesError::Conflict { .. })
+        matches!(
+            self,
+            RulesError::Line { .. } | RulesError::Conflict { .. } | RulesError::TooLarge(_)
+        )
     }
 }
+
+/// Bounds on one update, so that a small hostile input (a `.gz` of one line repeated a
+/// billion times) is rejected with a clear error instead of getting the daemon
+/// OOM-killed in a loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes read from all files together, after decompression.
+    pub max_bytes: u64,
+    /// Rule lines (denies and exceptions, both families, duplicates included).
+    pub max_rules: u64,
+    /// Bytes in one line.
+    pub max_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_rules: DEFAULT_MAX_RULES,
+            max_line: DEFAULT_MAX_LINE,
+        }
+    }
+}
+
+/// 10M rules of the usual mix are ~150 MB of text; 1 GiB leaves room for comments.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Twice the rule maps' capacity per family: room for duplicates, while the parsed
+/// entries (8 or 24 bytes each) stay within the DaemonSet's memory limit.
+pub const DEFAULT_MAX_RULES: u64 = 2 * egress_deny_datapath::common::MAX_RULES_PER_FAMILY as u64;
+/// Rule lines are under 60 bytes; feed headers and comments rarely exceed a few hundred.
+pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
 
 /// What was read: the set, plus whether the directory existed at all.
 #[derive(Debug)]
@@ -237,11 +274,28 @@ pub struct Parsed {
     pub lines: usize,
 }
 
-/// The rule files of `dir` in name order: hidden entries skipped, symlinks followed,
+/// Kubelet's volume layout: each key is a symlink into `..data`, itself a symlink to a
+/// timestamped directory that an update replaces by one rename.
+const KUBELET_DATA: &str = "..data";
+
+/// The directory the rule files are read from: the one `..data` points to now (one
+/// consistent version of every key), or `dir` itself when it is a plain directory.
+fn snapshot_dir(dir: &Path) -> PathBuf {
+    match fs::read_link(dir.join(KUBELET_DATA)) {
+        Ok(target) => dir.join(target),
+        Err(_) => dir.to_path_buf(),
+    }
+}
+
+/// The rule files of `dir` in name order, all from one snapshot (see `snapshot_dir`):
+/// reading each key through its own symlink could mix two versions across a swap and
+/// lose a prefix that moved between keys. Hidden entries skipped, symlinks followed,
 /// only regular files. `NotFound` when the directory does not exist.
 pub fn rule_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    fs::metadata(dir)?;
+    let snapshot = snapshot_dir(dir);
     let mut files = Vec::new();
-    for entry in fs::read_dir(dir)? {
+    for entry in fs::read_dir(&snapshot)? {
         let entry = entry?;
         let name = entry.file_name();
         if name.as_encoded_bytes().starts_with(b".") {
@@ -254,6 +308,14 @@ pub fn rule_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Whether `files` (from [`rule_files`]) still are the directory's current version:
+/// false when kubelet swapped `..data` while they were being read. The caller reads
+/// again rather than enforce a version that is already gone.
+pub fn still_current(dir: &Path, files: &[PathBuf]) -> bool {
+    let snapshot = snapshot_dir(dir);
+    files.iter().all(|f| f.parent() == Some(snapshot.as_path()))
 }
 
 /// Identity of the rule files' current contents, from metadata only (symlinks
@@ -318,8 +380,12 @@ fn ctime(m: &fs::Metadata) -> Option<SystemTime> {
 }
 
 /// Parses `files` into one sorted, deduplicated set. `cancel` aborts (shutdown).
-pub fn parse_files(files: &[PathBuf], cancel: &AtomicBool) -> Result<Parsed, RulesError> {
-    let (mut v4, mut v6, lines) = pipeline(files, cancel)?;
+pub fn parse_files(
+    files: &[PathBuf],
+    limits: &Limits,
+    cancel: &AtomicBool,
+) -> Result<Parsed, RulesError> {
+    let (mut v4, mut v6, lines) = pipeline(files, limits, cancel)?;
     let conflict = sort_dedup(&mut v4)
         .map(|(a, l)| a.to_net(l))
         .or_else(|| sort_dedup(&mut v6).map(|(a, l)| a.to_net(l)));
@@ -341,7 +407,7 @@ pub fn parse_dir(dir: &Path) -> Result<Parsed, RulesError> {
         file: dir.display().to_string(),
         message: e.to_string(),
     })?;
-    parse_files(&files, &AtomicBool::new(false))
+    parse_files(&files, &Limits::default(), &AtomicBool::new(false))
 }
 
 /// Sorts, drops duplicates, and returns a prefix listed with both actions, if any.
@@ -557,8 +623,6 @@ fn fast_v4(text: &[u8]) -> Option<(u32, u8)> {
 
 /// Lines are read in blocks of about this size, cut at a newline.
 const BLOCK: usize = 1 << 20;
-/// Longer lines are garbage, not rules: refuse instead of buffering without bound.
-const MAX_LINE: usize = 1 << 20;
 /// Entries are collected in fixed chunks (no doubling slack, no big copy at the end).
 const CHUNK: usize = 1 << 16;
 
@@ -620,8 +684,11 @@ struct Output {
 #[allow(clippy::type_complexity)]
 fn pipeline(
     files: &[PathBuf],
+    limits: &Limits,
     cancel: &AtomicBool,
 ) -> Result<(Vec<Entry<u32>>, Vec<Entry<u128>>, usize), RulesError> {
+    // Rule entries parsed so far, all threads: checked after each block.
+    let parsed_rules = AtomicU64::new(0);
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -637,11 +704,23 @@ fn pipeline(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let (block_rx, spare_tx, first_error) = (&block_rx, spare_tx.clone(), &first_error);
-                scope.spawn(move || parse_blocks(block_rx, spare_tx, first_error))
+                let parsed_rules = &parsed_rules;
+                let max_line = limits.max_line;
+                scope.spawn(move || {
+                    parse_blocks(block_rx, spare_tx, first_error, parsed_rules, max_line)
+                })
             })
             .collect();
         drop(spare_tx);
-        let read_result = read_blocks(files, &block_tx, &spare_rx, &first_error, cancel);
+        let read_result = read_blocks(
+            files,
+            limits,
+            &block_tx,
+            &spare_rx,
+            &first_error,
+            &parsed_rules,
+            cancel,
+        );
         drop(block_tx);
         let outputs: Vec<Output> = handles
             .into_iter()
@@ -650,6 +729,10 @@ fn pipeline(
         (outputs, read_result)
     });
     read_result?;
+    let rules = parsed_rules.load(Ordering::Relaxed);
+    if rules > limits.max_rules {
+        return Err(too_many_rules(rules, limits));
+    }
 
     // Report the earliest error (file order, then line).
     if let Some((file, seq, line, message)) = outputs
@@ -682,13 +765,24 @@ fn pipeline(
     Ok((Chunked::concat(v4), Chunked::concat(v6), lines))
 }
 
+fn too_many_rules(seen: u64, limits: &Limits) -> RulesError {
+    RulesError::TooLarge(format!(
+        "more than {} rule lines (at least {seen}; --max-rules)",
+        limits.max_rules
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_blocks(
     files: &[PathBuf],
+    limits: &Limits,
     blocks: &mpsc::SyncSender<Block>,
     spares: &mpsc::Receiver<Vec<u8>>,
     first_error: &AtomicU64,
+    parsed_rules: &AtomicU64,
     cancel: &AtomicBool,
 ) -> Result<(), RulesError> {
+    let mut total: u64 = 0;
     for (file_index, path) in files.iter().enumerate() {
         let file_error = |message: String| RulesError::File {
             file: path.display().to_string(),
@@ -704,6 +798,10 @@ fn read_blocks(
             if first_error.load(Ordering::Relaxed) != u64::MAX {
                 return Ok(()); // the update is rejected anyway
             }
+            let rules = parsed_rules.load(Ordering::Relaxed);
+            if rules > limits.max_rules {
+                return Err(too_many_rules(rules, limits));
+            }
             let mut buf = spares.try_recv().unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(&carry);
@@ -712,21 +810,32 @@ fn read_blocks(
             // the last newline; the partial line after it starts the next block.
             let mut eof = false;
             loop {
-                if buf.len() >= BLOCK {
-                    if memchr::memrchr(b'\n', &buf).is_some() {
-                        break;
-                    }
-                    if buf.len() > MAX_LINE {
-                        return Err(file_error(format!(
-                            "a line longer than {MAX_LINE} bytes: not a rules file"
-                        )));
-                    }
+                // Only the partial line at the end can still grow (complete lines are
+                // checked by the parsers).
+                let tail = buf.len() - memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1);
+                if tail > limits.max_line {
+                    return Err(RulesError::TooLarge(format!(
+                        "{}: a line longer than {} bytes: not a rules file (--max-line-bytes)",
+                        path.display(),
+                        limits.max_line,
+                    )));
+                }
+                if buf.len() >= BLOCK && memchr::memrchr(b'\n', &buf).is_some() {
+                    break;
                 }
                 let filled = buf.len();
                 buf.resize(filled + BLOCK, 0);
                 let n = read_retrying(&mut reader, &mut buf[filled..])
                     .map_err(|e| file_error(format!("read error: {e}")))?;
                 buf.truncate(filled + n);
+                total += n as u64;
+                if total > limits.max_bytes {
+                    return Err(RulesError::TooLarge(format!(
+                        "the rule files hold more than {} bytes (after decompression; --max-rules-bytes); stopped in {}",
+                        limits.max_bytes,
+                        path.display()
+                    )));
+                }
                 if n == 0 {
                     eof = true;
                     break;
@@ -773,6 +882,8 @@ fn parse_blocks(
     blocks: &Mutex<mpsc::Receiver<Block>>,
     spares: mpsc::Sender<Vec<u8>>,
     first_error: &AtomicU64,
+    parsed_rules: &AtomicU64,
+    max_line: usize,
 ) -> Output {
     let mut out = Output {
         v4: Chunked::new(),
@@ -780,6 +891,7 @@ fn parse_blocks(
         lines: Vec::new(),
         error: None,
     };
+    let mut counted = 0u64;
     loop {
         let block = match blocks.lock().expect("block queue").recv() {
             Ok(block) => block,
@@ -798,6 +910,18 @@ fn parse_blocks(
                 let line = &rest[..end];
                 rest = &rest[end..];
                 lines += 1;
+                if line.strip_suffix(b"\n").unwrap_or(line).len() > max_line {
+                    if out.error.is_none() {
+                        out.error = Some((
+                            block.file,
+                            block.seq,
+                            lines,
+                            format!("a line longer than {max_line} bytes (--max-line-bytes)"),
+                        ));
+                    }
+                    first_error.fetch_min(here, Ordering::Relaxed);
+                    break;
+                }
                 if let Some((action, addr, len)) = fast_line(line) {
                     out.v4.push(Entry { addr, len, action });
                     continue;
@@ -828,6 +952,9 @@ fn parse_blocks(
             }
         }
         out.lines.push((block.file, block.seq, lines));
+        let entries = (out.v4.len() + out.v6.len()) as u64;
+        parsed_rules.fetch_add(entries - counted, Ordering::Relaxed);
+        counted = entries;
         let _ = spares.send(block.data);
     }
 }
@@ -1023,11 +1150,68 @@ mod tests {
         assert!(parsed.rules.v4.windows(2).all(|w| w[0] < w[1]));
     }
 
+    fn parse_with(dir: &Path, limits: Limits) -> Result<Parsed, RulesError> {
+        parse_files(&rule_files(dir).unwrap(), &limits, &AtomicBool::new(false))
+    }
+
+    #[test]
+    fn limits_reject_a_gzip_bomb_a_huge_line_and_too_many_rules() {
+        // 2 MiB of one repeated line compress to a few KiB: bounded by bytes and rules.
+        let bomb = "1.2.3.4\n".repeat(256 * 1024);
+        let dir = dir_with(&[("bomb.gz", &gz(&bomb))]);
+        let small = Limits {
+            max_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let err = parse_with(dir.path(), small).unwrap_err();
+        assert!(matches!(err, RulesError::TooLarge(_)), "{err}");
+        assert!(err.to_string().contains("--max-rules-bytes"), "{err}");
+        assert!(err.is_about_content());
+        let few = Limits {
+            max_rules: 1000,
+            ..Limits::default()
+        };
+        let err = parse_with(dir.path(), few).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 1000 rule lines"),
+            "{err}"
+        );
+        // Within the defaults the same list is fine (duplicates are harmless).
+        assert_eq!(
+            parse_with(dir.path(), Limits::default())
+                .unwrap()
+                .rules
+                .v4
+                .len(),
+            1
+        );
+
+        // A 50 MB line (no newline at all), and a long line between good ones.
+        let dir = dir_with(&[("one-line", &vec![b'1'; 50 << 20])]);
+        let err = parse_with(dir.path(), Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("--max-line-bytes"), "{err}");
+        let mut text = b"10.0.0.0/8\n# ".to_vec();
+        text.extend(vec![b'c'; 100 * 1024]);
+        text.extend(b"\n192.0.2.0/24\n");
+        let dir = dir_with(&[("a", &text)]);
+        let err = parse_with(dir.path(), Limits::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(":2: a line longer than 65536"),
+            "{err}"
+        );
+        // A truncated gzip is an error naming the file, not a partial set.
+        let mut cut = gz("10.0.0.0/8\n192.0.2.0/24\n");
+        cut.truncate(cut.len() - 10);
+        let dir = dir_with(&[("cut.gz", &cut)]);
+        let err = parse_with(dir.path(), Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("cut.gz"), "{err}");
+    }
+
     #[test]
     fn a_last_line_without_newline_and_a_huge_line() {
         let dir = dir_with(&[("a", b"1.1.1.1\n2.2.2.2")]);
         assert_eq!(parse_dir(dir.path()).unwrap().rules.v4.len(), 2);
-        let dir = dir_with(&[("a", &vec![b'x'; 3 * MAX_LINE])]);
+        let dir = dir_with(&[("a", &vec![b'x'; 3 * DEFAULT_MAX_LINE])]);
         assert!(
             parse_dir(dir.path())
                 .unwrap_err()
@@ -1073,9 +1257,52 @@ mod tests {
         fs::create_dir(&data2).unwrap();
         fs::write(data2.join("list"), "192.0.2.0/24\n").unwrap();
         assert_eq!(Fingerprint::of(&files).unwrap(), before);
+        assert!(still_current(dir.path(), &files));
         std::os::unix::fs::symlink("..2026_11_22_10_00_01.2", dir.path().join("..tmp")).unwrap();
         fs::rename(dir.path().join("..tmp"), dir.path().join("..data")).unwrap();
-        assert_ne!(Fingerprint::of(&files).unwrap(), before);
+        let after = rule_files(dir.path()).unwrap();
+        assert_ne!(Fingerprint::of(&after).unwrap(), before);
+        // Files listed before the swap are no longer the current version.
+        assert!(!still_current(dir.path(), &files));
+        assert!(still_current(dir.path(), &after));
+    }
+
+    /// A prefix moves from one key to another in an update. Reading key by key through
+    /// the symlinks across the swap saw neither copy; a snapshot sees exactly one.
+    #[test]
+    fn a_swap_during_the_read_never_mixes_two_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = dir.path().join("..v1");
+        let v2 = dir.path().join("..v2");
+        fs::create_dir(&v1).unwrap();
+        fs::create_dir(&v2).unwrap();
+        fs::write(v1.join("a"), "").unwrap();
+        fs::write(v1.join("b"), "198.51.100.0/24\n").unwrap();
+        fs::write(v2.join("a"), "198.51.100.0/24\n").unwrap();
+        fs::write(v2.join("b"), "").unwrap();
+        std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+        for key in ["a", "b"] {
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.path().join(key)).unwrap();
+        }
+        let files = rule_files(dir.path()).unwrap();
+        // Every key is read from the one version `..data` named at listing time, not
+        // through its own symlink (which a swap between two keys' reads would redirect).
+        assert!(
+            files.iter().all(|f| f.parent() == Some(v1.as_path())),
+            "{files:?}"
+        );
+        // Kubelet swaps between the listing and the read (the old version still there).
+        std::os::unix::fs::symlink("..v2", dir.path().join("..tmp")).unwrap();
+        fs::rename(dir.path().join("..tmp"), dir.path().join("..data")).unwrap();
+        let parsed = parse_files(&files, &Limits::default(), &AtomicBool::new(false)).unwrap();
+        assert_eq!(parsed.rules.counts().v4_deny, 1, "one whole version read");
+        assert!(
+            !still_current(dir.path(), &files),
+            "the swap goes unnoticed"
+        );
+        // Kubelet removes the old version: reading it fails (retried), never a partial set.
+        fs::remove_dir_all(&v1).unwrap();
+        assert!(parse_files(&files, &Limits::default(), &AtomicBool::new(false)).is_err());
     }
 
     #[test]
@@ -1129,7 +1356,8 @@ mod tests {
         }
         for _ in 0..5 {
             let t = std::time::Instant::now();
-            let (mut v4, _, _) = pipeline(&files, &AtomicBool::new(false)).unwrap();
+            let (mut v4, _, _) =
+                pipeline(&files, &Limits::default(), &AtomicBool::new(false)).unwrap();
             let parsed = t.elapsed();
             sort_dedup(&mut v4);
             eprintln!(

@@ -255,3 +255,62 @@ fn a_missing_rules_directory_is_an_error_that_keeps_the_enforced_rules() -> Resu
     assert_eq!(installer.http("/readyz")?.0, 200);
     Ok(())
 }
+
+fn peak_rss_mib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM")?;
+    Ok(kib / 1024)
+}
+
+/// A ConfigMap key of a few hundred KiB that decompresses to 400 MB of one repeated
+/// line: rejected whole by the byte limit, with bounded memory, the rules enforced
+/// before stay. Before the limits the daemon held every line's entry (and in a
+/// container got OOM-killed in a loop).
+#[test]
+fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let installer = Installer::start(
+        &dirs,
+        Some(&node.node),
+        &["--host-interfaces=none", "--max-rules-bytes=100000000"],
+    )?;
+    installer.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = "10.1.2.3\n".repeat(1 << 16);
+    for _ in 0..(400_000_000 / chunk.len()) {
+        std::io::Write::write_all(&mut bomb, chunk.as_bytes())?;
+    }
+    let bomb = bomb.finish()?;
+    assert!(bomb.len() < 2 << 20, "{} bytes compressed", bomb.len());
+    dirs.publish_rules(&[
+        ("rules", format!("{DENIED}/32\n").as_bytes()),
+        ("feed.gz", &bomb),
+    ])?;
+    wait_until("the bomb rejected", Duration::from_secs(60), || {
+        installer.log_text().contains("--max-rules-bytes")
+    })?;
+    let peak = peak_rss_mib(installer.pid())?;
+    eprintln!("daemon peak RSS after the rejected bomb: {peak} MiB");
+    assert!(peak < 200, "peak RSS {peak} MiB");
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
+    let status = dirs.cli(
+        Some(&node.node),
+        &[
+            "status",
+            &format!("--pin-dir={}", dirs.pin_dir.display()),
+            &format!("--state-dir={}", dirs.state_dir().display()),
+        ],
+    )?;
+    assert!(status.contains("--max-rules-bytes"), "{status}");
+    Ok(())
+}
