@@ -332,6 +332,8 @@ impl RulesSync {
             Some(Baseline::Walked) => log::info!("read the enforced rules back from the maps"),
             None => {}
         }
+        // After the baseline: only entries beyond what the maps hold need new memory.
+        sync::check_capacity(&set, self.syncer.enforced()).map_err(Rejected::Content)?;
         let record = self.syncer.record_of(&set);
         let state_dir = &args.state.state_dir;
         let ops = self

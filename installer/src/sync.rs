@@ -336,3 +336,75 @@ pub fn add_protections(rules: &mut RuleSet, protected: &[(IpNet, String)]) -> Ve
     }
     warnings
 }
+
+/// Kernel memory one LPM-trie entry costs, measured (tests/BENCHMARKS.md: 140-153 B of
+/// slab per rule at 1M-10M rules), rounded up.
+const KERNEL_BYTES_PER_RULE: u64 = 160;
+
+/// Refuses, before touching the maps, a set the maps cannot hold: more entries per family
+/// than their capacity, or (when the daemon runs under a cgroup memory limit, to which
+/// map memory is charged) more new entries than the memory left. Failing part-way would
+/// leave a half-applied update; this rejects it whole with the numbers.
+pub fn check_capacity(new: &RuleSet, enforced: Option<&RuleSet>) -> Result<(), String> {
+    let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY as usize;
+    for (family, len) in [("IPv4", new.v4.len()), ("IPv6", new.v6.len())] {
+        if len > capacity {
+            return Err(format!(
+                "{len} {family} entries exceed the rule map's capacity of {capacity}"
+            ));
+        }
+    }
+    let Some((limit, used)) = cgroup_memory() else {
+        return Ok(());
+    };
+    let growth = new.len().saturating_sub(enforced.map_or(0, RuleSet::len)) as u64;
+    let needed = growth * KERNEL_BYTES_PER_RULE;
+    // Keep a tenth of the limit for the daemon itself (parsing the next update).
+    let room = (limit - limit / 10).saturating_sub(used);
+    if needed > room {
+        return Err(format!(
+            "{} more rules need about {} MiB of kernel memory, but the daemon's cgroup has {} MiB left of its {} MiB limit (raise the DaemonSet's memory limit)",
+            growth,
+            needed >> 20,
+            room >> 20,
+            limit >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// (limit, usage) in bytes of this process's memory cgroup, if it has a limit: cgroup v2
+/// (`memory.max`; "max" is no limit) or v1 (`memory.limit_in_bytes`; no limit is a
+/// huge number, which leaves room for anything).
+fn cgroup_memory() -> Option<(u64, u64)> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |dir: &std::path::Path, name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            let dir = root.join("memory").join(path);
+            return Some((
+                read(&dir, "memory.limit_in_bytes")?,
+                read(&dir, "memory.usage_in_bytes")?,
+            ));
+        }
+        if controllers.is_empty() {
+            let dir = root.join(path);
+            if let (Some(max), Some(current)) =
+                (read(&dir, "memory.max"), read(&dir, "memory.current"))
+            {
+                return Some((max, current));
+            }
+        }
+    }
+    None
+}
