@@ -91,3 +91,79 @@ pub fn ping(ns: &Netns, dst: &str) -> bool {
     ns.exec("ping", &["-c", "2", "-i", "0.2", "-W", "1", dst])
         .is_ok()
 }
+
+/// A paced UDP flood from `from` to one destination in `to`, counting what is sent and
+/// what arrives, until [`Flood::finish`]. For "not one packet leaks" tests.
+pub struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: Option<std::thread::JoinHandle<usize>>,
+    receiver: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Flood {
+    pub fn start(from: &Netns, to: &Netns, target: &str) -> Result<Self> {
+        use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering};
+        let receiver = bind_in(to, &format!("{target}:0"))?;
+        let port = receiver.local_addr()?.port();
+        let target: IpAddr = target.parse()?;
+        let sender = bind_in(
+            from,
+            if target.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            },
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counting = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut arrived, mut buf) = (0, [0u8; 64]);
+                while !stop.load(Ordering::Relaxed) {
+                    if receiver.recv(&mut buf).is_ok() {
+                        arrived += 1;
+                    }
+                }
+                // Drain what was in flight: until one read timeout passes quietly.
+                while receiver.recv(&mut buf).is_ok() {
+                    arrived += 1;
+                }
+                arrived
+            })
+        };
+        let sending = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let _pin = CpuPin::current();
+                let mut sent = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if sender.send_to(b"leak?", (target, port)).is_ok() {
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(200)); // pacing, not synchronisation
+                }
+                sent
+            })
+        };
+        Ok(Self {
+            stop,
+            sender: Some(sending),
+            receiver: Some(counting),
+        })
+    }
+
+    /// Stops the flood: (sent, arrived). The receiver drains until a read timeout
+    /// passes quietly, so a packet in flight is still counted.
+    pub fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self.sender.take().map_or(0, |h| h.join().unwrap_or(0));
+        let arrived = self.receiver.take().map_or(0, |h| h.join().unwrap_or(0));
+        (sent, arrived)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
