@@ -38,9 +38,10 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const ETH_P_QINQ_LEGACY: u16 = 0x9100;
 const VLAN_HLEN: usize = 4;
-/// In-band VLAN tags we look through. The kernel strips any number of VID-0 tags after
-/// tc and routes what is inside, so a deeper chain is dropped, never allowed unjudged.
-/// A tag held out of band (skb->vlan_tci) is not in the data and needs no parsing.
+/// In-band VLAN tags we look through. After tc the kernel strips VID-0 tags (6.18 stops
+/// at 8 in all; older kernels need not stop) and routes what is inside, so a deeper
+/// chain is dropped, never allowed unjudged. A tag held out of band (skb->vlan_tci; on
+/// receive the outer one already is) is not in the data and needs no parsing.
 const MAX_VLAN_TAGS: usize = 8;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV6_DADDR_OFFSET: usize = 24;
