@@ -55,6 +55,13 @@ fn eth_v6(dst: &str) -> Vec<u8> {
     packet::ethernet(&[], packet::ETH_P_IPV6, &packet::ipv6(v6(SRC6), v6(dst)))
 }
 
+const ETH_P_QINQ_LEGACY: u16 = 0x9100;
+
+/// `count` VID-0 (priority) tags with one TPID.
+fn vid0_tags(tpid: u16, count: usize) -> Vec<(u16, u16)> {
+    vec![(tpid, 0); count]
+}
+
 fn load_rules(pins: &PinDir, rules: &[(&str, Action)]) -> RuleMaps {
     let mut maps = RuleMaps::open(&pins.layout).expect("open rule maps");
     for (net, action) in rules {
@@ -365,10 +372,103 @@ fn verdict_table() {
             ),
             Expect::Drop,
         ),
+        // The kernel strips any number of VID-0 tags and delivers what is inside: a
+        // chain the program cannot see the end of is dropped (fail closed).
         case(
-            "802.1Q truncated inside the tag: not IP, continue",
+            "802.1Q truncated inside the tag: fail closed",
             packet::ethernet(&[], packet::ETH_P_8021Q, &[0x00]),
+            Expect::Drop,
+        ),
+        case(
+            "tag chain truncated inside its third tag: fail closed",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021Q, 2),
+                packet::ETH_P_8021Q,
+                &[0],
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "8 tags v4 denied",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021Q, 8),
+                packet::ETH_P_IP,
+                &denied_v4,
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "8 tags v6 denied",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021AD, 8),
+                packet::ETH_P_IPV6,
+                &denied_v6,
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "8 tags v4 allowed: judged",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021AD, 8),
+                packet::ETH_P_IP,
+                &allowed_v4,
+            ),
             Expect::Continue,
+        ),
+        case(
+            "8 tags ARP: judged, not IP",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021Q, 8),
+                packet::ETH_P_ARP,
+                &denied_v4,
+            ),
+            Expect::Continue,
+        ),
+        case(
+            "9 x 802.1Q v4 allowed: deeper than parsed, fail closed",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021Q, 9),
+                packet::ETH_P_IP,
+                &allowed_v4,
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "9 x 802.1ad v6 denied: deeper than parsed, fail closed",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021AD, 9),
+                packet::ETH_P_IPV6,
+                &denied_v6,
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "16 tags ARP: deeper than parsed, fail closed",
+            packet::ethernet(
+                &vid0_tags(packet::ETH_P_8021Q, 16),
+                packet::ETH_P_ARP,
+                &denied_v4,
+            ),
+            Expect::Drop,
+        ),
+        case(
+            "legacy 0x9100 tag v4 denied",
+            packet::ethernet(&[(ETH_P_QINQ_LEGACY, 0)], packet::ETH_P_IP, &denied_v4),
+            Expect::Drop,
+        ),
+        case(
+            "legacy 0x9100 tag v4 allowed",
+            packet::ethernet(&[(ETH_P_QINQ_LEGACY, 0)], packet::ETH_P_IP, &allowed_v4),
+            Expect::Continue,
+        ),
+        case(
+            "9 x 0x9100 v4 allowed: fail closed",
+            packet::ethernet(
+                &vid0_tags(ETH_P_QINQ_LEGACY, 9),
+                packet::ETH_P_IP,
+                &allowed_v4,
+            ),
+            Expect::Drop,
         ),
         case(
             "802.1Q v4 truncated after daddr, denied",

@@ -38,9 +38,11 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const ETH_P_QINQ_LEGACY: u16 = 0x9100;
 const VLAN_HLEN: usize = 4;
-/// In-band VLAN tags we look through (QinQ plus one spare). An outer tag held out of
-/// band by VLAN offload is not in the packet data at all, so it needs no parsing.
-const MAX_VLAN_TAGS: usize = 3;
+/// In-band VLAN tags we look through. After tc the kernel strips VID-0 tags (6.18 stops
+/// at 8 in all; older kernels need not stop) and routes what is inside, so a deeper
+/// chain is dropped, never allowed unjudged. A tag held out of band (skb->vlan_tci; on
+/// receive the outer one already is) is not in the data and needs no parsing.
+const MAX_VLAN_TAGS: usize = 8;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV6_DADDR_OFFSET: usize = 24;
 
@@ -56,8 +58,9 @@ struct Match {
     daddr: [u8; 16],
 }
 
-/// The packet claims to be IP but its destination address cannot be read. The stack
-/// would drop it anyway; we drop it too rather than guess (fail closed).
+/// The packet claims to be IP but its destination address cannot be read, or its VLAN
+/// tag chain is truncated or deeper than we parse. We drop rather than guess (fail
+/// closed).
 struct Unreadable;
 
 const UNREADABLE: Verdict = Verdict::Deny(Match {
@@ -90,15 +93,15 @@ fn try_egress_deny(ctx: &TcContext) -> Result<Verdict, Unreadable> {
         if !is_vlan(ethertype) {
             break;
         }
-        ethertype = match read_be16(ctx, l3_offset + 2) {
-            Some(inner) => inner,
-            None => return Ok(Verdict::Allow),
-        };
+        // A chain cut short inside a tag: fail closed.
+        ethertype = read_be16(ctx, l3_offset + 2).ok_or(Unreadable)?;
         l3_offset += VLAN_HLEN;
     }
     match ethertype {
         ETH_P_IP => decide_v4(ctx, l3_offset),
         ETH_P_IPV6 => decide_v6(ctx, l3_offset),
+        // Still tagged after MAX_VLAN_TAGS: we cannot see the end, fail closed.
+        t if is_vlan(t) => Err(Unreadable),
         _ => Ok(Verdict::Allow),
     }
 }
@@ -240,6 +243,7 @@ fn bump(counters: &mut Counters, denied: bool, bytes: u64) {
     }
 }
 
+/// 0x9100 is not stripped by the kernel, but a switch beyond the node may read it.
 #[inline(always)]
 fn is_vlan(ethertype: u16) -> bool {
     matches!(ethertype, ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ_LEGACY)
