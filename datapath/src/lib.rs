@@ -17,6 +17,7 @@ pub mod iface;
 pub mod loader;
 pub mod netlink;
 pub mod netns;
+pub mod order;
 pub mod paths;
 pub mod records;
 pub mod rules;

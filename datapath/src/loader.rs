@@ -4,7 +4,7 @@
 //! that its definition matches (see DESIGN.md), so every pinned map is checked here
 //! first: compatible maps are reused (rules stay enforced across restarts), an
 //! incompatible one is unpinned deliberately and recreated.
-use std::{fs, io, path::Path};
+use std::{fs, io, os::fd::AsFd, path::Path};
 
 use aya::{
     EbpfLoader,
@@ -188,6 +188,39 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
         programs,
         staged,
     })
+}
+
+/// A second instance of a program, reading the pinned maps. TCX refuses the same
+/// program twice on one hook; putting an attachment back at the front of its hook
+/// attaches this copy first, drops the old link, then switches the new link to the
+/// program in use (see `order`). Only while nothing is staged: it reads the pinned maps.
+pub fn load_copy(layout: &PinLayout, kind: ProgramKind) -> Result<std::os::fd::OwnedFd> {
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<_> = MAP_SPECS
+        .iter()
+        .map(|s| (s.name, layout.map(s.name)))
+        .collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(kind.name())
+        .ok_or_else(|| Error::Invalid(format!("program {} missing from object", kind.name())))?
+        .try_into()
+        .map_err(|e| Error::program(format!("program {}", kind.name()), e))?;
+    program
+        .load()
+        .map_err(|e| Error::program(format!("loading program {}", kind.name()), e))?;
+    let fd = program
+        .fd()
+        .map_err(|e| Error::program("program fd", e))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating the program fd", e))?;
+    Ok(fd)
 }
 
 /// IDs of the maps the pinned (in use) Ethernet program reads; `None` when no program

@@ -39,6 +39,7 @@ pub const PROGRAM_ETHERNET: &str = "egress_deny";
 pub const PROGRAM_L3: &str = "egress_deny_l3";
 
 const LINKS_DIR: &str = "links";
+const REORDER_LINK_PREFIX: &str = "tmp_";
 const STAGED_SUFFIX: &str = "_staged";
 const POD_LINK_PREFIX: &str = "pod_";
 const HOST_LINK_PREFIX: &str = "host_";
@@ -95,6 +96,15 @@ impl PinLayout {
         self.root.join(LINKS_DIR)
     }
 
+    /// Where a link re-attached at the front of its hook is pinned for a moment before
+    /// it is renamed over the attachment's pin (see `order`).
+    pub fn reorder_link(&self, old_link_id: u32) -> PathBuf {
+        self.links_dir().join(format!(
+            "{REORDER_LINK_PREFIX}{}_{old_link_id}",
+            std::process::id()
+        ))
+    }
+
     /// Link pin of a pod attachment, keyed like CNI's attachment identity
     /// (container ID + interface name).
     pub fn pod_link(&self, container_id: &str, ifname: &str) -> PathBuf {
@@ -122,6 +132,11 @@ pub fn bpffs_safe(name: &str) -> String {
 /// attachment record is the source of truth; this is only for listing.
 pub fn is_pod_link_name(name: &str) -> bool {
     name.starts_with(POD_LINK_PREFIX)
+}
+
+/// A [`PinLayout::reorder_link`] pin (a leftover, when its daemon was killed).
+pub fn is_reorder_link_name(name: &str) -> bool {
+    name.starts_with(REORDER_LINK_PREFIX)
 }
 
 pub fn host_link_ifname(name: &str) -> Option<String> {

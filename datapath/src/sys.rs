@@ -12,6 +12,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// TCX ordering: before `relative_fd`, which 0 makes "before everything".
@@ -113,4 +114,34 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     set_u32(&mut attr, 0, link.as_raw_fd() as u32); // link_fd
     set_u32(&mut attr, 1, prog.as_raw_fd() as u32); // new_prog_fd
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// The programs attached to one TCX hook, in the order they run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcxChain {
+    pub prog_ids: Vec<u32>,
+    /// The link of each program (0 for one attached without a link).
+    pub link_ids: Vec<u32>,
+}
+
+/// BPF_PROG_QUERY on a TCX hook (`attach_type` BPF_TCX_INGRESS/EGRESS of `ifindex`).
+pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<TcxChain> {
+    // More than enough: mprog allows 64 programs per hook.
+    const MAX: usize = 64;
+    let mut prog_ids = [0u32; MAX];
+    let mut link_ids = [0u32; MAX];
+    let mut attr: Attr = [0; 16];
+    // struct { target_ifindex, attach_type, query_flags, attach_flags; u64 prog_ids;
+    // u32 count, pad; u64 prog_attach_flags; u64 link_ids; u64 link_attach_flags; ... }
+    set_u32(&mut attr, 0, ifindex);
+    set_u32(&mut attr, 1, attach_type);
+    attr[2] = prog_ids.as_mut_ptr() as u64;
+    set_u32(&mut attr, 6, MAX as u32);
+    attr[5] = link_ids.as_mut_ptr() as u64;
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr[3] as u32).min(MAX as u32) as usize;
+    Ok(TcxChain {
+        prog_ids: prog_ids[..count].to_vec(),
+        link_ids: link_ids[..count].to_vec(),
+    })
 }

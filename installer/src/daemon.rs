@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{self, RecvTimeoutError, Sender},
     },
     thread,
@@ -62,6 +62,8 @@ pub struct Shared {
     /// This version's program waits for its (replaced) rule maps to be filled; until
     /// then every attachment keeps the previous program and the rules it enforces.
     pub staged: AtomicBool,
+    /// Attachments found behind another program or on an old one, and repaired.
+    pub repairs: AtomicU64,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -152,6 +154,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         status: Mutex::new(previous),
         synced_once: AtomicBool::new(false),
         staged: AtomicBool::new(report.staged),
+        repairs: AtomicU64::new(0),
     });
 
     let (conf_tx, conf_rx) = mpsc::channel();
@@ -468,6 +471,9 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
             next_tick = now + TICK;
             ensure_conflist(args, shared, &mut conflist_error);
             host_links = attach_host_interfaces(args, layout, &host_links);
+            if !shared.staged.load(Ordering::Relaxed) {
+                crate::verify::attachments(layout, &shared.repairs);
+            }
             repair::clean_up_vanished(layout, state);
             repair::repair_from_cache(layout, state, &args.cni_cache_dir);
             set_host_interfaces(shared, args, &host_links);

@@ -10,6 +10,7 @@ mod rules;
 mod status;
 mod sync;
 mod uninstall;
+mod verify;
 
 use std::process::ExitCode;
 

@@ -152,6 +152,17 @@ pub fn render(shared: &Shared) -> String {
     );
     metric(
         &mut out,
+        "egress_deny_attachment_repairs_total",
+        "counter",
+        "Attachments found behind another program on their hook (or on an old program) and repaired.",
+    );
+    let _ = writeln!(
+        out,
+        "egress_deny_attachment_repairs_total {}",
+        shared.repairs.load(Ordering::Relaxed)
+    );
+    metric(
+        &mut out,
         "egress_deny_ready",
         "gauge",
         "1 when /readyz would answer 200.",

@@ -478,3 +478,109 @@ fn kill_9_during_million_rule_syncs_leaks_nothing_and_converges() -> Result<()> 
     assert_eq!(arrived, 0, "packets leaked across kill -9 during syncs");
     Ok(())
 }
+
+/// Loads `r0 = TC_ACT_OK; exit`: a program that ends the tc chain with "pass", as a
+/// primary CNI's program does when it has decided.
+fn pass_all_program() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), // mov64 r0, 0 (TC_ACT_OK)
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
+    ];
+    let license = c"GPL";
+    let mut attr = [0u64; 16];
+    attr[0] = 3 | (2u64 << 32); // prog_type SCHED_CLS, insn_cnt 2
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: a valid bpf_attr for BPF_PROG_LOAD; the pointers outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5, // BPF_PROG_LOAD
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Another component attaches a program ahead of ours (TCX, BPF_F_BEFORE) that passes
+/// every packet: ours would never run. The daemon notices within its tick, puts ours
+/// first again (leaving the other one attached), and counts the repair.
+#[test]
+fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
+    use std::os::fd::AsFd;
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
+    installer.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
+    let record = egress_deny_datapath::records::AttachmentRecord::read(
+        &egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+            .attachment_record(&pod.container_id, "eth0"),
+    )?;
+    let ingress =
+        egress_deny_datapath::attach::tcx_attach_type(egress_deny_datapath::attach::Hook::Ingress);
+
+    let pass = pass_all_program()?;
+    let foreign = {
+        let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
+        egress_deny_datapath::sys::tcx_link_create(pass.as_fd(), record.host_ifindex, ingress)?
+    };
+    let ours = || -> Result<u32> {
+        Ok(
+            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))?
+                .context("our link")?
+                .id,
+        )
+    };
+    let first_on_hook = || -> Result<u32> {
+        let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
+        let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
+        Ok(chain.link_ids.first().copied().unwrap_or(0))
+    };
+    assert_ne!(first_on_hook()?, ours()?, "the foreign program is first");
+    wait_until(
+        "egress-deny first again",
+        Duration::from_secs(10),
+        || matches!((first_on_hook(), ours()), (Ok(first), Ok(ours)) if first == ours),
+    )
+    .inspect_err(|_| {
+        eprintln!(
+            "first {:?}, ours {:?}\n{}",
+            first_on_hook(),
+            ours(),
+            installer.log_text()
+        )
+    })?;
+    assert_eq!(
+        udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "denied packets pass while another program runs ahead of ours"
+    );
+    let (_, metrics) = installer.http("/metrics")?;
+    assert!(
+        metrics.contains("egress_deny_attachment_repairs_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        installer
+            .log_text()
+            .contains("attached ahead of egress-deny")
+    );
+    // The other component's program stays attached, behind ours.
+    let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
+    let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
+    assert_eq!(chain.link_ids.len(), 2, "{chain:?}");
+    drop(foreign);
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Keeping every TCX attachment first on its hook and on the program in use. A program
+//! attached ahead of ours (another CNI's, with `BPF_F_BEFORE`) that returns a final
+//! verdict (pass, redirect) would skip us: nothing may run before the filter.
+use std::{fs, os::fd::AsFd, path::Path};
+
+use crate::{
+    attach::{pinned_link_state, pinned_program_fd},
+    error::{Error, Result},
+    iface, loader,
+    paths::PinLayout,
+    sys,
+};
+
+/// What [`ensure_first_and_current`] found (and did).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verified {
+    /// First on its hook, running the program in use.
+    InPlace,
+    /// Was running another program (an older version): moved by a link update.
+    Moved,
+    /// Another program ran ahead of ours: re-attached at the front.
+    Reordered,
+    /// No pin, or its interface is gone (cleaned up elsewhere).
+    Gone,
+}
+
+/// Checks the pinned TCX link at `pin` and repairs it: the program in use, first on
+/// its hook. Re-attaching at the front creates the new link before the old one goes
+/// (the filter runs twice for a moment, never zero times). Not while an upgrade is
+/// staged (the copy would read the staged maps).
+pub fn ensure_first_and_current(layout: &PinLayout, pin: &Path) -> Result<Verified> {
+    let Some(link) = pinned_link_state(pin)? else {
+        return Ok(Verified::Gone);
+    };
+    if link.ifindex == 0 {
+        return Ok(Verified::Gone);
+    }
+    let Ok(ifname) = iface::ifname(link.ifindex) else {
+        return Ok(Verified::Gone);
+    };
+    let kind = iface::program_kind(&ifname)?;
+    let (program, program_id) = pinned_program_fd(layout, kind)?;
+    let mut outcome = Verified::InPlace;
+    if link.prog_id != program_id {
+        let fd =
+            sys::obj_get(pin).map_err(|e| Error::io(format!("opening {}", pin.display()), e))?;
+        sys::link_update(fd.as_fd(), program.as_fd())
+            .map_err(|e| Error::io(format!("updating the link on {ifname}"), e))?;
+        outcome = Verified::Moved;
+    }
+    let chain = sys::tcx_query(link.ifindex, link.attach_type)
+        .map_err(|e| Error::io(format!("querying the tc programs of {ifname}"), e))?;
+    if chain.link_ids.first() == Some(&link.id) {
+        return Ok(outcome);
+    }
+    // TCX takes a program once per hook: a copy goes first, the old link goes, then the
+    // new link switches to the program in use. Ours runs at every step.
+    let copy = loader::load_copy(layout, kind)?;
+    let front = sys::tcx_link_create(copy.as_fd(), link.ifindex, link.attach_type)
+        .map_err(|e| Error::io(format!("re-attaching at the front of {ifname}"), e))?;
+    // Pinned under a name no lister takes for an attachment, then renamed over the old
+    // pin, which drops the old link (its last reference).
+    let tmp = layout.reorder_link(link.id);
+    sys::obj_pin(front.as_fd(), &tmp)
+        .map_err(|e| Error::io(format!("pinning {}", tmp.display()), e))?;
+    fs::rename(&tmp, pin).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(format!("replacing {}", pin.display()), e)
+    })?;
+    // If this fails the copy (same code, same maps) keeps filtering and the next check
+    // moves the link.
+    sys::link_update(front.as_fd(), program.as_fd())
+        .map_err(|e| Error::io(format!("updating the link on {ifname}"), e))?;
+    Ok(Verified::Reordered)
+}
