@@ -49,6 +49,13 @@ pub enum Error {
     #[error("interface {0} not found")]
     NoSuchInterface(String),
 
+    /// A link-layer header neither program parses (InfiniBand, CAN, …): attaching the
+    /// L3 program there would judge garbage and let everything through.
+    #[error(
+        "interface {name}: link type {link_type} has a header egress-deny cannot parse; not filtered"
+    )]
+    UnsupportedLinkType { name: String, link_type: u16 },
+
     #[error("{0}")]
     Invalid(String),
 }

@@ -31,11 +31,41 @@ pub fn ifname(index: u32) -> Result<String> {
         .into_owned())
 }
 
-/// Devices without an Ethernet header get the L3 program. The ARPHRD type comes from
-/// SIOCGIFHWADDR on a socket of the current network namespace (sysfs would show the
+/// ARPHRD types whose packets start at the IP header at tc: tun and wireguard (NONE),
+/// ipip, ip6tnl, sit, GRE (not gretap, which is Ethernet), raw-IP modems.
+const L3_LINK_TYPES: [u16; 7] = [
+    0xFFFE, // ARPHRD_NONE
+    768,    // ARPHRD_TUNNEL
+    769,    // ARPHRD_TUNNEL6
+    776,    // ARPHRD_SIT
+    778,    // ARPHRD_IPGRE
+    823,    // ARPHRD_IP6GRE
+    519,    // ARPHRD_RAWIP
+];
+/// Ethernet framing: Ethernet itself and loopback (which carries an Ethernet header).
+const ETHERNET_LINK_TYPES: [u16; 2] = [1 /* ARPHRD_ETHER */, 772 /* ARPHRD_LOOPBACK */];
+
+/// Which program an interface needs, by its link type: Ethernet framing gets the
+/// Ethernet program, the known L3 types the L3 program, anything else is refused (a
+/// header we do not parse must not be judged as if it were IP). The ARPHRD type comes
+/// from SIOCGIFHWADDR on a socket of the current network namespace (sysfs would show the
 /// namespace it was mounted in, not ours).
 pub fn program_kind(name: &str) -> Result<ProgramKind> {
-    const ARPHRD_ETHER: u16 = 1;
+    let link_type = link_type(name)?;
+    if ETHERNET_LINK_TYPES.contains(&link_type) {
+        Ok(ProgramKind::Ethernet)
+    } else if L3_LINK_TYPES.contains(&link_type) {
+        Ok(ProgramKind::L3)
+    } else {
+        Err(Error::UnsupportedLinkType {
+            name: name.to_owned(),
+            link_type,
+        })
+    }
+}
+
+/// The interface's ARPHRD_* link type.
+fn link_type(name: &str) -> Result<u16> {
     if name.len() >= libc::IF_NAMESIZE {
         return Err(Error::Invalid(format!("interface name too long: {name:?}")));
     }
@@ -62,10 +92,5 @@ pub fn program_kind(name: &str) -> Result<ProgramKind> {
         });
     }
     // SAFETY: the union member written by SIOCGIFHWADDR.
-    let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
-    Ok(if family == ARPHRD_ETHER {
-        ProgramKind::Ethernet
-    } else {
-        ProgramKind::L3
-    })
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }

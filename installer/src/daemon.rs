@@ -451,7 +451,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     let mut conflist_error: Option<String> = None;
     ensure_conflist(args, shared, &mut conflist_error);
     repair::repair_from_cache(layout, state, &args.cni_cache_dir);
-    let mut host_links = attach_host_interfaces(args, layout, &[]);
+    let mut host_links = attach_host_interfaces(args, layout, &HostLinks::default());
     set_host_interfaces(shared, args, &host_links);
     let mut conf_due: Option<Instant> = None;
     let mut next_tick = Instant::now() + TICK;
@@ -481,12 +481,22 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     }
 }
 
-fn set_host_interfaces(shared: &Shared, args: &RunArgs, host_links: &[String]) {
+fn set_host_interfaces(shared: &Shared, args: &RunArgs, host_links: &HostLinks) {
     let mut status = shared.status.lock().expect("status");
-    if status.host_interfaces != host_links {
-        status.host_interfaces = host_links.to_vec();
+    if status.host_interfaces != host_links.attached
+        || status.host_interfaces_unfiltered != host_links.unfiltered
+    {
+        status.host_interfaces = host_links.attached.clone();
+        status.host_interfaces_unfiltered = host_links.unfiltered.clone();
         status.save(&args.state.state_dir);
     }
+}
+
+/// The host interfaces that should be filtered: attached, and not (with why).
+#[derive(Default)]
+struct HostLinks {
+    attached: Vec<String>,
+    unfiltered: Vec<(String, String)>,
 }
 
 fn ensure_conflist(args: &RunArgs, shared: &Shared, last_error: &mut Option<String>) {
@@ -546,10 +556,10 @@ fn ensure_conflist(args: &RunArgs, shared: &Shared, last_error: &mut Option<Stri
 }
 
 /// Attaches to the wanted host interfaces (tc egress), detaches from ones no longer
-/// wanted. Returns the interfaces attached.
-fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String]) -> Vec<String> {
+/// wanted. Each failure is logged when it starts (or changes) and reported in status.
+fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLinks) -> HostLinks {
     let wanted = node::host_interfaces(&args.host_interfaces);
-    let mut attached = Vec::new();
+    let mut now = HostLinks::default();
     for ifname in &wanted {
         let link_pin = layout.host_link(ifname);
         let req = AttachRequest {
@@ -560,19 +570,25 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String
         };
         match attach::attach(layout, &req) {
             Ok(a) => {
-                if !previous.contains(ifname) {
+                if !previous.attached.contains(ifname) {
                     log::info!(
                         "filtering host interface {ifname} (tc egress, {} program {})",
                         a.mode.as_str(),
                         a.program_id
                     );
                 }
-                attached.push(ifname.clone());
+                now.attached.push(ifname.clone());
             }
             Err(e) => {
-                if !previous.contains(ifname) {
-                    log::warn!("cannot attach to host interface {ifname}: {e}");
+                let why = e.to_string();
+                if !previous
+                    .unfiltered
+                    .iter()
+                    .any(|(i, w)| i == ifname && *w == why)
+                {
+                    log::error!("host interface {ifname} is NOT filtered: {why}");
                 }
+                now.unfiltered.push((ifname.clone(), why));
             }
         }
     }
@@ -581,10 +597,10 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(ifname) = host_link_ifname(&name)
-                && !attached.contains(&ifname)
+                && !now.attached.contains(&ifname)
             {
                 let _ = attach::detach(None, Hook::Egress, &entry.path(), AttachMode::Tcx);
-                if previous.contains(&ifname) {
+                if previous.attached.contains(&ifname) {
                     log::info!(
                         "host interface {ifname} no longer filtered (gone or not a default route)"
                     );
@@ -592,7 +608,7 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &[String
             }
         }
     }
-    attached
+    now
 }
 
 /// Every start pins a freshly loaded program (after an upgrade, a new version): move

@@ -152,6 +152,17 @@ pub fn render(shared: &Shared) -> String {
     );
     metric(
         &mut out,
+        "egress_deny_host_interfaces_unfiltered",
+        "gauge",
+        "Host interfaces that should be filtered but are not (unsupported link type, attach error); see `status`.",
+    );
+    let _ = writeln!(
+        out,
+        "egress_deny_host_interfaces_unfiltered {}",
+        status.host_interfaces_unfiltered.len()
+    );
+    metric(
+        &mut out,
         "egress_deny_attachment_repairs_total",
         "counter",
         "Attachments found behind another program on their hook (or on an old program) and repaired.",

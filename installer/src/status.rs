@@ -92,6 +92,10 @@ pub struct DaemonStatus {
     pub sync_errors_total: u64,
     #[serde(default)]
     pub host_interfaces: Vec<String>,
+    /// Host interfaces that should be filtered but are not, with why (a link type we
+    /// cannot parse, an attach error): node traffic through them is not judged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_interfaces_unfiltered: Vec<(String, String)>,
     #[serde(default)]
     pub conflist: Option<String>,
 }
@@ -229,6 +233,9 @@ pub fn run_status(args: &StateArgs) -> Result<()> {
                 )?;
             }
             writeln!(out, "sync errors: {}", status.sync_errors_total)?;
+            for (ifname, why) in &status.host_interfaces_unfiltered {
+                writeln!(out, "host interface {ifname}: NOT filtered: {why}")?;
+            }
             if let Some(conflist) = &status.conflist {
                 writeln!(out, "conflist: {conflist}")?;
             }

@@ -169,3 +169,36 @@ pub fn binary(name: &str) -> PathBuf {
         panic!("{name} not built next to {}: run `cargo build --workspace --bins` first (tests/run.sh does)", exe.display())
     })
 }
+
+/// Opens a TUN device (an L3 device: no Ethernet header) in the current namespace,
+/// non-blocking. With `link_type`, the device claims that ARPHRD type instead (TUNSETLINK,
+/// before it is up): a stand-in for hardware this machine does not have (InfiniBand…).
+pub fn open_tun(name: &str, link_type: Option<u16>) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const TUNSETLINK: libc::c_ulong = 0x4004_54cd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain data; the name is shorter than IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads the ifreq we pass; the fd is valid.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        bail!("TUNSETIFF: {}", std::io::Error::last_os_error());
+    }
+    if let Some(link_type) = link_type {
+        // SAFETY: TUNSETLINK takes the type by value; the fd is valid.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETLINK, libc::c_ulong::from(link_type)) } < 0
+        {
+            bail!("TUNSETLINK: {}", std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: plain fcntl on our fd.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    Ok(file)
+}

@@ -584,3 +584,47 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
     drop(foreign);
     Ok(())
 }
+
+/// A host interface whose link-layer header neither program parses (InfiniBand here,
+/// a TUN device claiming ARPHRD_INFINIBAND): it used to get the L3 program, which read
+/// the IPoIB header as IP and let everything through while `status` said "filtered".
+/// Now it is refused and reported, in `status` and `/metrics`.
+#[test]
+fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Result<()> {
+    require_root();
+    const ARPHRD_INFINIBAND: u16 = 32;
+    let ns = egress_deny_tests::Netns::new("edib")?;
+    let dirs = InstallerDirs::new()?;
+    std::fs::write(
+        dirs.conf_dir().join("10-ptp.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
+    )?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let _tun = {
+        let _in_ns = egress_deny_datapath::netns::NetnsGuard::enter(&ns.path())?;
+        egress_deny_tests::open_tun("ib0", Some(ARPHRD_INFINIBAND))?
+    };
+    ns.ip("link set ib0 up")?;
+    let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=ib0"])?;
+    installer.wait_ready()?;
+    wait_until("ib0 reported unfiltered", Duration::from_secs(10), || {
+        installer
+            .http("/metrics")
+            .is_ok_and(|(_, m)| m.contains("egress_deny_host_interfaces_unfiltered 1"))
+    })?;
+    assert!(!dirs.layout().host_link("ib0").exists(), "attached anyway");
+    let status = dirs.cli(
+        Some(&ns),
+        &[
+            "status",
+            &format!("--pin-dir={}", dirs.pin_dir.display()),
+            &format!("--state-dir={}", dirs.state_dir().display()),
+        ],
+    )?;
+    assert!(
+        status.contains("host interface ib0: NOT filtered") && status.contains("link type 32"),
+        "{status}"
+    );
+    assert!(installer.log_text().contains("ib0 is NOT filtered"));
+    Ok(())
+}

@@ -16,7 +16,7 @@ use egress_deny_datapath::{
     rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
-    Netns, PinDir,
+    Netns, PinDir, open_tun,
     probe::{self, bind_in, udp_through},
     require_root,
 };
@@ -242,29 +242,6 @@ fn attachment_survives_the_attaching_process_and_reattach_is_idempotent() -> Res
     Ok(())
 }
 
-/// Opens a TUN device (an L3 device: no Ethernet header) in the current namespace.
-fn open_tun(name: &str) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    // SAFETY: ifreq is plain data; the name is shorter than IFNAMSIZ.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: TUNSETIFF reads the ifreq we pass; the fd is valid.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        bail!("TUNSETIFF: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: plain fcntl on our fd.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    Ok(file)
-}
-
 /// Host interfaces are filtered on tc egress; an L3 device (TUN here; wireguard and
 /// ipip behave the same) gets the L3 program. Whatever leaves through the TUN device is
 /// readable from its fd, so the test sees exactly what got out.
@@ -277,7 +254,7 @@ fn l3_device_on_tc_egress_gets_the_l3_program_and_drops_denied() -> Result<()> {
     let tun_name = "edtun0";
     let mut tun = {
         let _guard = NetnsGuard::enter(&host.path())?;
-        open_tun(tun_name)?
+        open_tun(tun_name, None)?
     };
     host.ip(&format!("addr add 10.88.0.1/32 dev {tun_name}"))?;
     host.ip(&format!("link set {tun_name} up"))?;
