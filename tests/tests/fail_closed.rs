@@ -628,3 +628,124 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
     assert!(installer.log_text().contains("ib0 is NOT filtered"));
     Ok(())
 }
+
+/// Under a flood to a denied destination: three restarts (each pins a freshly loaded
+/// program and moves every link to it), then an upgrade that replaces the v4 rule map
+/// (staged, filled, promoted). Not one packet arrives, and each step ends on a new
+/// program.
+#[test]
+fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result<()> {
+    require_root();
+    let (node, dirs, conflist) = node_with_bridge()?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let mut installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    installer.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let flood = egress_deny_tests::probe::Flood::start(pod.ns(), &node.server, DENIED)?;
+    let link_program = || -> Result<u32> {
+        Ok(
+            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))?
+                .context("pod link")?
+                .prog_id,
+        )
+    };
+    let mut previous = link_program()?;
+    for _ in 0..3 {
+        installer.stop()?;
+        installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+        installer.wait_ready()?;
+        let now = program_in_use(&dirs)?;
+        assert_ne!(now, previous);
+        wait_until(
+            "the pod on the new program",
+            Duration::from_secs(10),
+            || link_program().is_ok_and(|p| p == now),
+        )?;
+        previous = now;
+    }
+    installer.stop()?;
+    let v4 = dirs.layout().map(V4_RULES_MAP);
+    std::fs::remove_file(&v4)?;
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &v4.display().to_string(),
+            "type",
+            "lpm_trie",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            "64",
+            "name",
+            "v4_rules",
+            "flags",
+            "1",
+        ],
+    )?;
+    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    installer.wait_ready()?;
+    let now = program_in_use(&dirs)?;
+    assert_ne!(now, previous);
+    wait_until(
+        "the pod on the promoted program",
+        Duration::from_secs(10),
+        || link_program().is_ok_and(|p| p == now),
+    )?;
+    let (sent, arrived) = flood.finish();
+    eprintln!(
+        "upgrades under a flood: {sent} packets sent to a denied destination, {arrived} arrived"
+    );
+    assert!(sent > 500, "the flood did not run");
+    assert_eq!(arrived, 0, "packets leaked during upgrades");
+    Ok(())
+}
+
+/// Our own tools must not harm the machine they run on: nothing in the repository stops
+/// processes by name (that stops other people's too); benchmarks and tests stop what
+/// they started, by pid. Before, bench-suite ran a machine-wide `pkill iperf3`.
+#[test]
+fn nothing_in_the_repository_kills_processes_by_name() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let words = [["p", "kill"].concat(), ["kill", "all"].concat()];
+    let mut offenders = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !["rs", "sh", "py", "yaml", "Containerfile"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                if words.iter().any(|w| {
+                    code.split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .any(|token| token == w)
+                }) {
+                    offenders.push(format!("{}:{}: {line}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "kills by name:\n{}",
+        offenders.join("\n")
+    );
+    Ok(())
+}
