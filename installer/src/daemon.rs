@@ -411,6 +411,7 @@ impl RulesSync {
             rules,
             operations,
             files,
+            pending_operations: self.syncer.pending(),
         });
         status.save(&args.state.state_dir);
     }

@@ -152,6 +152,17 @@ pub fn render(shared: &Shared) -> String {
     );
     metric(
         &mut out,
+        "egress_deny_rules_pending_operations",
+        "gauge",
+        "After a map update failed part-way: map operations between the maps and the desired rules (retried every tick; 0 when converged).",
+    );
+    let _ = writeln!(
+        out,
+        "egress_deny_rules_pending_operations {}",
+        sync.pending_operations.unwrap_or(0)
+    );
+    metric(
+        &mut out,
         "egress_deny_host_interfaces_unfiltered",
         "gauge",
         "Host interfaces that should be filtered but are not (unsupported link type, attach error); see `status`.",

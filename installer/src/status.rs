@@ -43,6 +43,10 @@ pub struct SyncStatus {
     pub rules: RuleCounts,
     pub operations: usize,
     pub files: usize,
+    /// After a map update failed part-way: map operations between what the maps hold
+    /// and the desired set (retried every tick until 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_operations: Option<usize>,
 }
 
 /// What the daemon last enforced, so that a restarted daemon with unchanged rules need
@@ -230,6 +234,12 @@ pub fn run_status(args: &StateArgs) -> Result<()> {
                     } else {
                         format!("FAILED: {}", sync.error.clone().unwrap_or_default())
                     }
+                )?;
+            }
+            if let Some(pending) = status.last_sync.as_ref().and_then(|s| s.pending_operations) {
+                writeln!(
+                    out,
+                    "NOT converged: {pending} map operations from the desired rules (retried every 2 s)"
                 )?;
             }
             writeln!(out, "sync errors: {}", status.sync_errors_total)?;

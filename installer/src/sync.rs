@@ -47,6 +47,8 @@ pub struct Syncer {
     /// What the previous daemon recorded as enforced, if anything.
     recorded: Option<EnforcedRecord>,
     map_ids: (u32, u32),
+    /// Map operations between the maps and the desired set after a failed update.
+    pending: Option<usize>,
 }
 
 /// Below this, one thread; above, the phase is fed to two (the trie serialises the
@@ -70,12 +72,18 @@ impl Syncer {
             enforced: None,
             recorded,
             map_ids,
+            pending: None,
         })
     }
 
     /// The set enforced, once known (after the first sync attempt).
     pub fn enforced(&self) -> Option<&RuleSet> {
         self.enforced.as_ref()
+    }
+
+    /// After a failed update: how many map operations the maps are from the desired set.
+    pub fn pending(&self) -> Option<usize> {
+        self.pending
     }
 
     /// What the previous daemon recorded about these maps, until the first sync.
@@ -150,12 +158,20 @@ impl Syncer {
         match result {
             Ok(()) => {
                 self.enforced = Some(new);
+                self.pending = None;
                 Ok(ops)
             }
             Err(e) => {
                 drop(old);
                 if !matches!(e, SyncError::Interrupted) {
                     self.enforced = read_enforced(&self.maps, cancel).ok();
+                    // What is still to do: reported until a retry (every tick) converges.
+                    self.pending = self.enforced.as_ref().map(|actual| {
+                        plan::count(&actual.v4, &new.v4)
+                            .iter()
+                            .chain(&plan::count(&actual.v6, &new.v6))
+                            .sum()
+                    });
                 }
                 Err(e)
             }
@@ -341,23 +357,38 @@ pub fn add_protections(rules: &mut RuleSet, protected: &[(IpNet, String)]) -> Ve
 /// slab per rule at 1M-10M rules), rounded up.
 const KERNEL_BYTES_PER_RULE: u64 = 160;
 
-/// Refuses, before touching the maps, a set the maps cannot hold: more entries per family
-/// than their capacity, or (when the daemon runs under a cgroup memory limit, to which
-/// map memory is charged) more new entries than the memory left. Failing part-way would
-/// leave a half-applied update; this rejects it whole with the numbers.
+/// Refuses, before touching the maps, a set the maps cannot hold. An update adds new
+/// entries before it removes old ones (gap-free order), so the maps hold the old set plus
+/// every new key at its peak: that must fit the maps' capacity per family and, when the
+/// daemon runs under a cgroup memory limit (map memory is charged there), the memory
+/// left. Failing part-way would leave a half-applied update; this rejects it whole with
+/// the numbers.
 pub fn check_capacity(new: &RuleSet, enforced: Option<&RuleSet>) -> Result<(), String> {
     let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY as usize;
-    for (family, len) in [("IPv4", new.v4.len()), ("IPv6", new.v6.len())] {
-        if len > capacity {
+    let empty = RuleSet::default();
+    let old = enforced.unwrap_or(&empty);
+    let added4 = added_keys(&old.v4, &new.v4);
+    let added6 = added_keys(&old.v6, &new.v6);
+    for (family, now, added, final_len) in [
+        ("IPv4", old.v4.len(), added4, new.v4.len()),
+        ("IPv6", old.v6.len(), added6, new.v6.len()),
+    ] {
+        if final_len > capacity {
             return Err(format!(
-                "{len} {family} entries exceed the rule map's capacity of {capacity}"
+                "{final_len} {family} entries exceed the rule map's capacity of {capacity}"
+            ));
+        }
+        if now + added > capacity {
+            return Err(format!(
+                "replacing {now} {family} entries by {final_len} holds {} at once (new ones are added before old ones go, so that nothing is ever allowed in between), over the rule map's capacity of {capacity}: apply it in two smaller updates",
+                now + added
             ));
         }
     }
     let Some((limit, used)) = cgroup_memory() else {
         return Ok(());
     };
-    let growth = new.len().saturating_sub(enforced.map_or(0, RuleSet::len)) as u64;
+    let growth = (added4 + added6) as u64;
     let needed = growth * KERNEL_BYTES_PER_RULE;
     // Keep a tenth of the limit for the daemon itself (parsing the next update).
     let room = (limit - limit / 10).saturating_sub(used);
@@ -371,6 +402,21 @@ pub fn check_capacity(new: &RuleSet, enforced: Option<&RuleSet>) -> Result<(), S
         ));
     }
     Ok(())
+}
+
+/// How many prefixes of `new` are not in `old` (both sorted by key, as parsed and as
+/// read back): the entries an update adds.
+fn added_keys<A: Address>(old: &[Entry<A>], new: &[Entry<A>]) -> usize {
+    let (mut i, mut added) = (0, 0);
+    for e in new {
+        while i < old.len() && old[i].key() < e.key() {
+            i += 1;
+        }
+        if i >= old.len() || old[i].key() != e.key() {
+            added += 1;
+        }
+    }
+    added
 }
 
 /// (limit, usage) in bytes of this process's memory cgroup, if it has a limit: cgroup v2
@@ -407,4 +453,56 @@ fn cgroup_memory() -> Option<(u64, u64)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+    use egress_deny_datapath::rules::Action;
+
+    fn entries(addrs: std::ops::Range<u32>) -> Vec<Entry<u32>> {
+        addrs
+            .map(|addr| Entry {
+                addr,
+                len: 32,
+                action: Action::Deny,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn added_keys_counts_prefixes_new_to_the_maps() {
+        assert_eq!(added_keys(&entries(0..10), &entries(5..15)), 5);
+        assert_eq!(added_keys(&entries(0..10), &entries(0..10)), 0);
+        assert_eq!(added_keys(&[], &entries(0..3)), 3);
+        // An action change is an update in place, not a new entry.
+        let mut flipped = entries(0..3);
+        flipped[1].action = Action::Allow;
+        assert_eq!(added_keys(&entries(0..3), &flipped), 0);
+    }
+
+    #[test]
+    fn the_peak_of_a_replacement_must_fit_the_maps() {
+        let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY;
+        let old = RuleSet {
+            v4: entries(0..capacity / 2 + 1),
+            v6: Vec::new(),
+        };
+        let disjoint = RuleSet {
+            v4: entries(capacity..capacity + capacity / 2 + 1),
+            v6: Vec::new(),
+        };
+        let err = check_capacity(&disjoint, Some(&old)).unwrap_err();
+        assert!(err.contains("two smaller updates"), "{err}");
+        // The same size overlapping mostly: fine.
+        let shifted = RuleSet {
+            v4: entries(10..capacity / 2 + 11),
+            v6: Vec::new(),
+        };
+        assert!(
+            check_capacity(&shifted, Some(&old))
+                .err()
+                .is_none_or(|e| e.contains("cgroup")),
+        );
+    }
 }
