@@ -3,7 +3,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{Array, Map, MapData, MapError, RingBuf};
-use egress_deny_common::{CONFIG_RULES_LOADED, DatapathConfig, DenyEvent, FAMILY_V4, FAMILY_V6};
+use egress_deny_common::{
+    CONFIG_RULES_LOADED, DatapathConfig, DenyEvent, FAMILY_NAT64, FAMILY_V4, FAMILY_V6,
+};
 use ipnet::IpNet;
 
 use crate::{
@@ -76,10 +78,18 @@ impl Denied {
                 octets.copy_from_slice(&event.daddr[..4]);
                 Some(IpAddr::V4(Ipv4Addr::from(octets)))
             }
-            FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(event.daddr))),
+            FAMILY_V6 | FAMILY_NAT64 => Some(IpAddr::V6(Ipv6Addr::from(event.daddr))),
             _ => None,
         };
-        let rule = destination
+        // NAT64: the IPv4 rule that decides the embedded address.
+        let ruled = match event.family {
+            FAMILY_NAT64 => {
+                let [.., a, b, c, d] = event.daddr;
+                Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+            }
+            _ => destination,
+        };
+        let rule = ruled
             .and_then(|d| IpNet::new(d, event.prefix_len).ok())
             .map(|n| n.trunc());
         Self {

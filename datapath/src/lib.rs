@@ -21,6 +21,7 @@ pub mod order;
 pub mod paths;
 pub mod records;
 pub mod rules;
+pub mod settings;
 pub mod sys;
 pub mod veth;
 

@@ -11,13 +11,16 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::{ProgramInfo, SchedClassifier},
 };
-use egress_deny_common::{EVENTS_RING_BYTES, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY};
+use egress_deny_common::{
+    Counters, EVENTS_RING_BYTES, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY, Settings,
+};
 
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
     paths::{
-        CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, V4_RULES_MAP, V6_RULES_MAP,
+        CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, SETTINGS_MAP, V4_RULES_MAP,
+        V6_RULES_MAP,
     },
 };
 
@@ -35,7 +38,7 @@ pub struct MapSpec {
     pub flags: u32,
 }
 
-pub const MAP_SPECS: [MapSpec; 5] = [
+pub const MAP_SPECS: [MapSpec; 6] = [
     MapSpec {
         name: V4_RULES_MAP,
         map_type: MapType::LpmTrie,
@@ -56,7 +59,7 @@ pub const MAP_SPECS: [MapSpec; 5] = [
         name: COUNTERS_MAP,
         map_type: MapType::PerCpuHash,
         key_size: 4,
-        value_size: 48,
+        value_size: std::mem::size_of::<Counters>() as u32,
         max_entries: MAX_ATTACHMENTS,
         flags: 0,
     },
@@ -65,6 +68,14 @@ pub const MAP_SPECS: [MapSpec; 5] = [
         map_type: MapType::Array,
         key_size: 4,
         value_size: 8,
+        max_entries: 1,
+        flags: 0,
+    },
+    MapSpec {
+        name: SETTINGS_MAP,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: std::mem::size_of::<Settings>() as u32,
         max_entries: 1,
         flags: 0,
     },

@@ -10,7 +10,9 @@
 //! <pinDir>/v6_rules           LPM trie, IPv6 rules
 //! <pinDir>/counters           per-CPU counters per attachment (ifindex)
 //! <pinDir>/config             datapath settings (deny-event rate)
+//! <pinDir>/egress_deny_exempt  program for veths of pods in excluded namespaces
 //! <pinDir>/events             ring buffer of deny events
+//! <pinDir>/settings           judged-packet mark, NAT64 prefixes
 //! <pinDir>/links/pod_<containerID>_<ifname>   TCX link of a pod attachment
 //! <pinDir>/links/host_<ifname>                TCX link of a host interface
 //! ```
@@ -26,17 +28,20 @@ pub const V6_RULES_MAP: &str = "v6_rules";
 pub const COUNTERS_MAP: &str = "counters";
 pub const CONFIG_MAP: &str = "config";
 pub const EVENTS_MAP: &str = "events";
-pub const ALL_MAPS: [&str; 5] = [
+pub const SETTINGS_MAP: &str = "settings";
+pub const ALL_MAPS: [&str; 6] = [
     V4_RULES_MAP,
     V6_RULES_MAP,
     COUNTERS_MAP,
     CONFIG_MAP,
     EVENTS_MAP,
+    SETTINGS_MAP,
 ];
 
 /// Program (function) names in the eBPF object, also their pin names.
 pub const PROGRAM_ETHERNET: &str = "egress_deny";
 pub const PROGRAM_L3: &str = "egress_deny_l3";
+pub const PROGRAM_EXEMPT: &str = "egress_deny_exempt";
 
 const LINKS_DIR: &str = "links";
 const REORDER_LINK_PREFIX: &str = "tmp_";
@@ -50,15 +55,18 @@ const ATTACHMENTS_DIR: &str = "attachments";
 pub enum ProgramKind {
     Ethernet,
     L3,
+    /// Pods of excluded namespaces: marked, not judged (see the program).
+    Exempt,
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 2] = [ProgramKind::Ethernet, ProgramKind::L3];
+    pub const ALL: [ProgramKind; 3] = [ProgramKind::Ethernet, ProgramKind::L3, ProgramKind::Exempt];
 
     pub fn name(self) -> &'static str {
         match self {
             ProgramKind::Ethernet => PROGRAM_ETHERNET,
             ProgramKind::L3 => PROGRAM_L3,
+            ProgramKind::Exempt => PROGRAM_EXEMPT,
         }
     }
 }

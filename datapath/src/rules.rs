@@ -53,6 +53,8 @@ pub struct Decision {
     pub action: Action,
     /// The deciding entry; `None` when no entry matches (allowed by default).
     pub prefix: Option<IpNet>,
+    /// Denied by an IPv4 rule through this NAT64 prefix, for this embedded address.
+    pub via_nat64: Option<(Ipv6Net, IpAddr)>,
 }
 
 pub struct RuleMaps {
@@ -124,7 +126,31 @@ impl RuleMaps {
             .map(|v| Action::of(&v)))
     }
 
-    /// Decides `addr` exactly as the eBPF program does.
+    /// Decides `addr` exactly as the eBPF program does, NAT64 included: an IPv6 address
+    /// in one of `nat64` (/96 prefixes) that no IPv6 rule denies is denied when the IPv4
+    /// rules deny its embedded IPv4 address (`Decision::via_nat64` says so).
+    pub fn decide(&self, addr: IpAddr, nat64: &[Ipv6Net]) -> Result<Decision> {
+        let direct = self.lookup(addr)?;
+        if direct.action == Action::Deny {
+            return Ok(direct);
+        }
+        if let IpAddr::V6(v6) = addr
+            && let Some(prefix) = nat64.iter().find(|p| p.contains(&v6))
+        {
+            let [.., a, b, c, d] = v6.octets();
+            let embedded = IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+            let via = self.lookup(embedded)?;
+            if via.action == Action::Deny {
+                return Ok(Decision {
+                    via_nat64: Some((*prefix, embedded)),
+                    ..via
+                });
+            }
+        }
+        Ok(direct)
+    }
+
+    /// Decides `addr` by its own family's rules only (see [`Self::decide`]).
     pub fn lookup(&self, addr: IpAddr) -> Result<Decision> {
         let found = match addr {
             IpAddr::V4(a) => not_found_is_none(self.v4.get(&Key::new(32, a.octets()), 0))?,
@@ -134,10 +160,12 @@ impl RuleMaps {
             None => Decision {
                 action: Action::Allow,
                 prefix: None,
+                via_nat64: None,
             },
             Some(v) => Decision {
                 action: Action::of(&v),
                 prefix: IpNet::new(addr, v.prefix_len).ok().map(|n| n.trunc()),
+                via_nat64: None,
             },
         })
     }

@@ -92,6 +92,46 @@ pub struct RunArgs {
     pub deny_events_per_second: u32,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// skb->mark bit(s) a pod's veth sets on the packets it allowed (or, for excluded
+    /// namespaces, exempted), so that a filtered host interface passes them without a
+    /// second lookup; hex or decimal, 0 turns it off (then every packet is judged again
+    /// at the uplink, and excluded namespaces are exempt only on the node itself). Pick
+    /// bits no other component sets (kube-proxy: 0x4000/0x8000, Calico: its
+    /// iptablesMarkMask, Cilium: 0x0F00 and identities in the upper 16 bits, Istio:
+    /// 0x539, AWS VPC CNI: 0x80).
+    #[arg(long, env = "EGRESS_DENY_JUDGED_MARK", default_value = "0x40000000", value_parser = parse_mark)]
+    pub judged_mark: u32,
+    /// NAT64 /96 prefixes whose embedded IPv4 addresses the IPv4 rules judge
+    /// (comma-separated; empty: none).
+    #[arg(long, env = "EGRESS_DENY_NAT64_PREFIXES", default_value = "64:ff9b::/96", value_parser = parse_nat64_list)]
+    pub nat64_prefixes: Nat64List,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Nat64List(pub Vec<ipnet::Ipv6Net>);
+
+fn parse_nat64_list(s: &str) -> Result<Nat64List, String> {
+    let prefixes = items(s)
+        .map(|i| {
+            i.parse::<ipnet::Ipv6Net>()
+                .map_err(|_| format!("{i:?} is not an IPv6 prefix"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let settings = egress_deny_datapath::settings::DatapathSettings {
+        judged_mark: 0,
+        nat64_prefixes: prefixes.clone(),
+    };
+    settings.validate().map_err(|e| e.to_string())?;
+    Ok(Nat64List(prefixes))
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a 32-bit mark (hex 0x... or decimal)"))
 }
 
 /// Bounds on one rules update: an update over any of them is rejected whole (the

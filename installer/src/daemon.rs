@@ -95,6 +95,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         report.programs
     );
     events::set_events_per_second(&layout, args.deny_events_per_second)?;
+    egress_deny_datapath::settings::write(
+        &layout,
+        &egress_deny_datapath::settings::DatapathSettings {
+            judged_mark: args.judged_mark,
+            nat64_prefixes: args.nat64_prefixes.0.clone(),
+        },
+    )
+    .context("writing the datapath settings")?;
     if report.staged {
         log::warn!(
             "the rule maps were replaced: the new program stays staged, and every attachment keeps the previous program and its rules, until the new maps hold a valid rule set"

@@ -293,13 +293,22 @@ pub fn run_lookup(args: &LookupArgs) -> Result<()> {
     let state = StateLayout::new(&args.state.state_dir);
     let live = attachments(&layout, &state);
     let counters = CounterMap::open(&layout).ok();
+    // An older datapath has no settings map: no NAT64 prefixes then.
+    let nat64 = egress_deny_datapath::settings::read(&layout)
+        .map(|s| s.nat64_prefixes)
+        .unwrap_or_default();
     for addr in &args.addresses {
-        let d = maps.lookup(*addr)?;
+        let d = maps.decide(*addr, &nat64)?;
         let prefix = d
             .prefix
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into());
         println!("{addr} {} {prefix}", d.action.as_str());
+        if let Some((nat64_prefix, embedded)) = d.via_nat64 {
+            println!(
+                "  IPv4 rule: {addr} is {embedded} through the NAT64 prefix {nat64_prefix} (--nat64-prefixes)"
+            );
+        }
         if d.action == egress_deny_datapath::rules::Action::Deny {
             println!("  dropped by every attachment ({}):", live.len());
             for a in &live {

@@ -78,6 +78,7 @@ fn program(pins: &PinDir, kind: ProgramKind) -> SchedClassifier {
 fn run_cases(pins: &PinDir, cases: &[Case]) {
     let eth = program(pins, ProgramKind::Ethernet);
     let l3 = program(pins, ProgramKind::L3);
+    let exempt = program(pins, ProgramKind::Exempt);
     let before = CounterMap::open(&pins.layout)
         .unwrap()
         .get(LOOPBACK_IFINDEX)
@@ -88,6 +89,7 @@ fn run_cases(pins: &PinDir, cases: &[Case]) {
         let prog = match case.program {
             ProgramKind::Ethernet => &eth,
             ProgramKind::L3 => &l3,
+            ProgramKind::Exempt => &exempt,
         };
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(&case.packet);
@@ -702,4 +704,87 @@ fn reference_lpm_program_loads_and_drops_hits() {
     };
     assert_eq!(run(eth_v4("203.0.113.9")), TC_ACT_SHOT);
     assert_eq!(run(eth_v4("192.0.2.1")), 0, "TC_ACT_OK on a miss");
+}
+
+/// NAT64: an IPv6 destination in a configured /96 prefix is judged by the IPv4 rules on
+/// its embedded address (exceptions included); outside the prefixes, or with none
+/// configured, it is not. The exempt program (excluded namespaces) never drops.
+#[test]
+fn nat64_destinations_follow_the_ipv4_rules_and_exempt_never_drops() {
+    require_root();
+    let pins = PinDir::new().expect("pin dir");
+    let _maps = load_rules(
+        &pins,
+        &[
+            ("198.51.100.0/24", Action::Deny),
+            ("198.51.100.128/25", Action::Allow),
+            ("2001:db8:dead::/48", Action::Deny),
+        ],
+    );
+    let settings = |prefixes: &[&str]| egress_deny_datapath::settings::DatapathSettings {
+        judged_mark: 0,
+        nat64_prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+    };
+    egress_deny_datapath::settings::write(
+        &pins.layout,
+        &settings(&["64:ff9b::/96", "2001:db8:64::/96"]),
+    )
+    .unwrap();
+    let exempt = |name, packet| Case {
+        name,
+        program: ProgramKind::Exempt,
+        packet,
+        expect: Expect::Continue,
+    };
+    run_cases(
+        &pins,
+        &[
+            case(
+                "well-known prefix, denied v4",
+                eth_v6("64:ff9b::198.51.100.7"),
+                Expect::Drop,
+            ),
+            case(
+                "well-known prefix, v4 exception",
+                eth_v6("64:ff9b::198.51.100.130"),
+                Expect::Continue,
+            ),
+            case(
+                "well-known prefix, allowed v4",
+                eth_v6("64:ff9b::192.0.2.1"),
+                Expect::Continue,
+            ),
+            case(
+                "network-specific prefix, denied v4",
+                eth_v6("2001:db8:64::198.51.100.7"),
+                Expect::Drop,
+            ),
+            case(
+                "outside every prefix",
+                eth_v6("64:ff9b:1::198.51.100.7"),
+                Expect::Continue,
+            ),
+            case(
+                "v6 rule still applies",
+                eth_v6("2001:db8:dead::1"),
+                Expect::Drop,
+            ),
+            l3_case(
+                "L3 device, well-known prefix, denied v4",
+                packet::ipv6(v6(SRC6), v6("64:ff9b::198.51.100.7")),
+                Expect::Drop,
+            ),
+            exempt("exempt: denied v4 continues", eth_v4("198.51.100.7")),
+            exempt("exempt: denied v6 continues", eth_v6("2001:db8:dead::1")),
+        ],
+    );
+    egress_deny_datapath::settings::write(&pins.layout, &settings(&[])).unwrap();
+    run_cases(
+        &pins,
+        &[case(
+            "no NAT64 prefix configured",
+            eth_v6("64:ff9b::198.51.100.7"),
+            Expect::Continue,
+        )],
+    );
 }

@@ -73,6 +73,9 @@ pub struct Counters {
     pub events_in_window: u32,
     /// Deny events not emitted: over the rate limit, or the ring buffer was full.
     pub events_suppressed: u32,
+    /// Host interfaces: forwarded packets passed without a lookup because a pod veth
+    /// already judged (or exempted) them (`Settings::judged_mark`).
+    pub judged_before_packets: u64,
 }
 
 impl Counters {
@@ -83,6 +86,7 @@ impl Counters {
         self.denied_packets += other.denied_packets;
         self.denied_bytes += other.denied_bytes;
         self.events_suppressed = self.events_suppressed.wrapping_add(other.events_suppressed);
+        self.judged_before_packets += other.judged_before_packets;
     }
 }
 
@@ -104,10 +108,30 @@ pub struct DatapathConfig {
 /// must not look like "nothing is denied".
 pub const CONFIG_RULES_LOADED: u32 = 1;
 
+/// NAT64 prefixes (/96) whose embedded IPv4 address the IPv4 rules judge.
+pub const MAX_NAT64_PREFIXES: usize = 4;
+
+/// Single-entry array: how attachments cooperate, written by the installer at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `skb->mark` bit(s) a pod veth's program sets on every packet it allowed (or
+    /// exempted); a host interface's program passes forwarded packets carrying them
+    /// without a second lookup. 0: off (every packet is judged wherever it passes).
+    pub judged_mark: u32,
+    /// How many of `nat64_prefixes` are in use.
+    pub nat64_prefix_count: u32,
+    /// The first 12 bytes (a /96) of each NAT64 prefix.
+    pub nat64_prefixes: [[u8; 12]; MAX_NAT64_PREFIXES],
+}
+
 /// `DenyEvent::family` for an IP packet whose destination could not be read.
 pub const FAMILY_UNREADABLE: u8 = 0;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
+/// An IPv6 destination in a NAT64 prefix, denied by the IPv4 rule (`prefix_len`) that
+/// decides its embedded IPv4 address (the last four bytes of `daddr`).
+pub const FAMILY_NAT64: u8 = 64;
 
 /// One denied packet, reported through the ring buffer (rate-limited).
 #[repr(C)]
@@ -133,6 +157,7 @@ mod user {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::DenyEvent {}
 }
 
@@ -145,7 +170,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<RuleValue>(), 4);
         assert_eq!(size_of::<CounterKey>(), 4);
-        assert_eq!(size_of::<Counters>(), 48);
+        assert_eq!(size_of::<Counters>(), 56);
+        assert_eq!(size_of::<Settings>(), 56);
         assert_eq!(size_of::<DatapathConfig>(), 8);
         assert_eq!(size_of::<DenyEvent>(), 40);
     }

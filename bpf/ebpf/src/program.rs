@@ -8,8 +8,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egress_deny_common::{
-    CounterKey, Counters, DatapathConfig, DenyEvent, EVENTS_RING_BYTES, FAMILY_UNREADABLE,
-    FAMILY_V4, FAMILY_V6, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY, RuleValue,
+    CounterKey, Counters, DatapathConfig, DenyEvent, EVENTS_RING_BYTES, FAMILY_NAT64,
+    FAMILY_UNREADABLE, FAMILY_V4, FAMILY_V6, MAX_ATTACHMENTS, MAX_NAT64_PREFIXES,
+    MAX_RULES_PER_FAMILY, RuleValue, Settings,
 };
 
 // Map names are part of the bpffs layout (see datapath::paths); keep them in sync.
@@ -28,6 +29,9 @@ static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "events")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map(name = "settings")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -72,15 +76,54 @@ const UNREADABLE: Verdict = Verdict::Deny(Match {
 /// Program for devices with an Ethernet header (veth, physical NICs, bonds, VLANs).
 #[classifier]
 pub fn egress_deny(ctx: TcContext) -> i32 {
-    let verdict = try_egress_deny(&ctx).unwrap_or(UNREADABLE);
-    finish(&ctx, verdict)
+    judge(&ctx, try_egress_deny)
 }
 
 /// Program for L3 devices without an Ethernet header (wireguard, ipip, tun).
 #[classifier]
 pub fn egress_deny_l3(ctx: TcContext) -> i32 {
-    let verdict = try_egress_deny_l3(&ctx).unwrap_or(UNREADABLE);
-    finish(&ctx, verdict)
+    judge(&ctx, try_egress_deny_l3)
+}
+
+/// Program for the veths of pods in excluded namespaces: no lookup, only the mark that
+/// tells a filtered host interface not to judge their packets either.
+#[classifier]
+pub fn egress_deny_exempt(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    let judged_mark = SETTINGS.get(0).map_or(0, |s| s.judged_mark);
+    if judged_mark != 0 {
+        ctx.set_mark(mark | judged_mark);
+    }
+    count(ifindex, Counted::Allowed, ctx.len());
+    TC_ACT_UNSPEC
+}
+
+/// One verdict per packet. At a pod's veth (tc ingress: the packet arrived on the
+/// interface we run on) the packet is judged and, when allowed, marked; at a host
+/// interface a forwarded packet carrying the mark was judged (or exempted) at its pod's
+/// veth and passes without a second lookup. A pod cannot forge the mark (the kernel
+/// clears it when the packet crosses from the pod's network namespace) and a locally
+/// generated packet (no ingress interface) is always judged.
+#[inline(always)]
+fn judge(ctx: &TcContext, decide: fn(&TcContext) -> Result<Verdict, Unreadable>) -> i32 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let (ifindex, ingress_ifindex, mark) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.ifindex, skb.ingress_ifindex, skb.mark)
+    };
+    let judged_mark = SETTINGS.get(0).map_or(0, |s| s.judged_mark);
+    let at_pod_veth = ingress_ifindex == ifindex;
+    if judged_mark != 0 && !at_pod_veth && ingress_ifindex != 0 && mark & judged_mark == judged_mark
+    {
+        count(ifindex, Counted::JudgedBefore, ctx.len());
+        return TC_ACT_UNSPEC;
+    }
+    let verdict = decide(ctx).unwrap_or(UNREADABLE);
+    if at_pod_veth && judged_mark != 0 && matches!(verdict, Verdict::Allow) {
+        ctx.set_mark(mark | judged_mark);
+    }
+    finish(ctx, ifindex, verdict)
 }
 
 #[inline(always)]
@@ -142,30 +185,74 @@ fn decide_v4(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
 #[inline(always)]
 fn decide_v6(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     let daddr: [u8; 16] = read(ctx, l3_offset + IPV6_DADDR_OFFSET).ok_or(Unreadable)?;
-    Ok(match V6_RULES.get(Key::new(128, daddr)) {
-        Some(rule) if rule.is_deny() => Verdict::Deny(Match {
+    if let Some(rule) = V6_RULES.get(Key::new(128, daddr))
+        && rule.is_deny()
+    {
+        return Ok(Verdict::Deny(Match {
             family: FAMILY_V6,
             prefix_len: rule.prefix_len,
             daddr,
-        }),
-        _ => Verdict::Allow,
-    })
+        }));
+    }
+    // An IPv4 address reached through a NAT64 prefix is judged by the IPv4 rules too.
+    if let Some(prefix_len) = nat64_deny(&daddr) {
+        return Ok(Verdict::Deny(Match {
+            family: FAMILY_NAT64,
+            prefix_len,
+            daddr,
+        }));
+    }
+    Ok(Verdict::Allow)
+}
+
+/// The prefix length of the IPv4 deny rule that decides the address embedded in
+/// `daddr`, when `daddr` is in one of the configured NAT64 /96 prefixes.
+#[inline(always)]
+fn nat64_deny(daddr: &[u8; 16]) -> Option<u8> {
+    let settings = SETTINGS.get(0)?;
+    let mut i = 0;
+    while i < MAX_NAT64_PREFIXES {
+        if i as u32 >= settings.nat64_prefix_count {
+            return None;
+        }
+        let prefix = &settings.nat64_prefixes[i];
+        if words(daddr, 0) == words12(prefix, 0)
+            && words(daddr, 4) == words12(prefix, 4)
+            && words(daddr, 8) == words12(prefix, 8)
+        {
+            let embedded = [daddr[12], daddr[13], daddr[14], daddr[15]];
+            return match V4_RULES.get(Key::new(32, embedded)) {
+                Some(rule) if rule.is_deny() => Some(rule.prefix_len),
+                _ => None,
+            };
+        }
+        i += 1;
+    }
+    None
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn words(bytes: &[u8; 16], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+#[inline(always)]
+fn words12(bytes: &[u8; 12], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+#[inline(always)]
+fn finish(ctx: &TcContext, ifindex: u32, verdict: Verdict) -> i32 {
     let len = ctx.len();
     match verdict {
         Verdict::Allow => {
-            count(ifindex, false, len);
+            count(ifindex, Counted::Allowed, len);
             // "Continue" rather than TC_ACT_OK: later tc/TCX programs (the primary
             // CNI's) must still run.
             TC_ACT_UNSPEC
         }
         Verdict::Deny(matched) => {
-            if let Some(counters) = count(ifindex, true, len) {
+            if let Some(counters) = count(ifindex, Counted::Denied, len) {
                 // SAFETY: per-CPU value, only this CPU writes it while we run.
                 report(unsafe { &mut *counters }, ifindex, len, &matched);
             }
@@ -174,18 +261,25 @@ fn finish(ctx: &TcContext, verdict: Verdict) -> i32 {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Counted {
+    Allowed,
+    Denied,
+    JudgedBefore,
+}
+
 /// Counts the packet; returns the attachment's per-CPU entry.
 #[inline(always)]
-fn count(ifindex: u32, denied: bool, len: u32) -> Option<*mut Counters> {
+fn count(ifindex: u32, what: Counted, len: u32) -> Option<*mut Counters> {
     let key = CounterKey { ifindex };
     let bytes = u64::from(len);
     if let Some(counters) = COUNTERS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
-        unsafe { bump(&mut *counters, denied, bytes) };
+        unsafe { bump(&mut *counters, what, bytes) };
         return Some(counters);
     }
     let mut fresh = Counters::default();
-    bump(&mut fresh, denied, bytes);
+    bump(&mut fresh, what, bytes);
     if COUNTERS
         .insert(&key, &fresh, u64::from(BPF_NOEXIST))
         .is_ok()
@@ -194,7 +288,7 @@ fn count(ifindex: u32, denied: bool, len: u32) -> Option<*mut Counters> {
     }
     // Another CPU created the entry first (or the map is full): add to it.
     let counters = COUNTERS.get_ptr_mut(&key)?;
-    unsafe { bump(&mut *counters, denied, bytes) };
+    unsafe { bump(&mut *counters, what, bytes) };
     Some(counters)
 }
 
@@ -233,13 +327,21 @@ fn report(counters: &mut Counters, ifindex: u32, len: u32, matched: &Match) {
 }
 
 #[inline(always)]
-fn bump(counters: &mut Counters, denied: bool, bytes: u64) {
-    if denied {
-        counters.denied_packets += 1;
-        counters.denied_bytes += bytes;
-    } else {
-        counters.allowed_packets += 1;
-        counters.allowed_bytes += bytes;
+fn bump(counters: &mut Counters, what: Counted, bytes: u64) {
+    match what {
+        Counted::Denied => {
+            counters.denied_packets += 1;
+            counters.denied_bytes += bytes;
+        }
+        Counted::Allowed => {
+            counters.allowed_packets += 1;
+            counters.allowed_bytes += bytes;
+        }
+        Counted::JudgedBefore => {
+            counters.allowed_packets += 1;
+            counters.allowed_bytes += bytes;
+            counters.judged_before_packets += 1;
+        }
     }
 }
 
