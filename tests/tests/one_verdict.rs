@@ -1,0 +1,196 @@
+//! One verdict per packet, with the default deployment (host interfaces filtered): a
+//! filtered pod's packet is judged at its veth and not again at the uplink; node traffic
+//! and traffic from sources we did not attach are judged at the uplink; pods of excluded
+//! namespaces reach denied addresses off the node. Real installer, plugin, libcni
+//! runtime (bridge and ptp primaries), iptables marks of a kube-proxy-style neighbour.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use egress_deny_datapath::counters::CounterMap;
+use egress_deny_tests::{
+    cni::{ALLOWED, CniNode, DENIED, Primary, hand_made_pod},
+    installer::{Installer, InstallerDirs},
+    probe::{ping, udp_through},
+    require_root, wait_until,
+};
+use serde_json::json;
+
+struct Node {
+    node: CniNode,
+    dirs: InstallerDirs,
+    conflist: std::path::PathBuf,
+    installer: Installer,
+}
+
+/// A node with `primary`, `excluded` as excluded namespaces, DENIED denied and the
+/// uplink up0 filtered (as `auto` would pick it on a real node).
+fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
+    let node = CniNode::new()?;
+    let dirs = InstallerDirs::new()?;
+    let conflist = dirs.conf_dir().join("10-primary.conflist");
+    let list =
+        json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(primary)] });
+    std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
+    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let mut flags = vec!["--host-interfaces=up0", "--exclude-namespaces=kube-system"];
+    flags.extend_from_slice(extra_flags);
+    let installer = Installer::start(&dirs, Some(&node.node), &flags)?;
+    installer.wait_ready()?;
+    Ok(Node {
+        node,
+        dirs,
+        conflist,
+        installer,
+    })
+}
+
+impl Node {
+    fn uplink_counters(&self) -> Result<egress_deny_common::Counters> {
+        let ifindex: u32 = self
+            .node
+            .node
+            .exec("cat", &["/sys/class/net/up0/ifindex"])?
+            .trim()
+            .parse()?;
+        Ok(CounterMap::open(&self.dirs.layout())?.get(ifindex)?)
+    }
+}
+
+/// Filtered pod → allowed server: judged once (at the veth); the uplink counts every
+/// packet as judged before. Filtered pod → denied: dropped at the veth. Node → denied:
+/// dropped at the uplink.
+fn one_lookup_per_forwarded_packet(primary: Primary) -> Result<()> {
+    require_root();
+    let n = node(primary, &[])?;
+    let pod = n.node.pod()?;
+    pod.add(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, DENIED, ALLOWED, 3)?,
+        0
+    );
+    let before = n.uplink_counters()?;
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, ALLOWED, ALLOWED, 200)?,
+        200
+    );
+    let after = n.uplink_counters()?;
+    let judged_before = after.judged_before_packets - before.judged_before_packets;
+    let forwarded = after.allowed_packets - before.allowed_packets;
+    eprintln!("{primary:?}: uplink saw {forwarded} allowed packets, {judged_before} judged before");
+    // 200 probes + at least one marker; every forwarded one passed without a lookup.
+    assert!(judged_before >= 201, "{judged_before} of {forwarded}");
+    assert_eq!(
+        judged_before, forwarded,
+        "a forwarded pod packet was looked up again"
+    );
+    assert!(
+        !ping(&n.node.node, DENIED),
+        "node traffic must be judged at the uplink"
+    );
+    assert!(ping(&n.node.node, ALLOWED));
+    Ok(())
+}
+
+#[test]
+fn bridge_pod_packets_are_judged_once() -> Result<()> {
+    one_lookup_per_forwarded_packet(Primary::Bridge)
+}
+
+#[test]
+fn ptp_pod_packets_are_judged_once() -> Result<()> {
+    one_lookup_per_forwarded_packet(Primary::Ptp)
+}
+
+/// Forwarded traffic from a source we did not attach (a pod whose attachment is
+/// missing, a secondary network that does not chain us, a VM routed through the node)
+/// carries no mark: the uplink judges it.
+#[test]
+fn traffic_from_an_unattached_source_is_judged_at_the_uplink() -> Result<()> {
+    require_root();
+    let n = node(Primary::Ptp, &[])?;
+    let (pod, host) = hand_made_pod(&n.node)?;
+    n.node
+        .node
+        .ip(&format!("addr add 10.250.0.1/32 dev {host}"))?;
+    n.node
+        .node
+        .ip(&format!("route add 10.250.0.2/32 dev {host}"))?;
+    pod.ip("addr add 10.250.0.2/32 dev eth0")?;
+    pod.ip("link set eth0 up")?;
+    pod.ip("route add 10.250.0.1/32 dev eth0")?;
+    pod.ip("route add default via 10.250.0.1")?;
+    n.node.server.ip("route add 10.250.0.0/24 via 172.30.0.1")?;
+    assert_eq!(udp_through(&pod, &n.node.server, ALLOWED, ALLOWED, 3)?, 3);
+    assert_eq!(
+        udp_through(&pod, &n.node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "unattached source reached a denied address"
+    );
+    Ok(())
+}
+
+/// A kube-proxy-style neighbour ORs its own bits into the mark of forwarded packets
+/// (0x4000 masquerade); another clears the whole mark. Neither opens a path: ORed bits
+/// leave ours alone (one lookup still), a cleared mark only costs a second lookup.
+#[test]
+fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<()> {
+    require_root();
+    let n = node(Primary::Bridge, &[])?;
+    n.node.node.exec(
+        "iptables",
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-j",
+            "MARK",
+            "--or-mark",
+            "0x4000",
+        ],
+    )?;
+    let pod = n.node.pod()?;
+    pod.add(&n.conflist, "")?.map_err(anyhow::Error::msg)?;
+    let before = n.uplink_counters()?;
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, ALLOWED, ALLOWED, 50)?,
+        50
+    );
+    let after = n.uplink_counters()?;
+    assert!(after.judged_before_packets - before.judged_before_packets >= 51);
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, DENIED, ALLOWED, 5)?,
+        0
+    );
+
+    n.node.node.exec(
+        "iptables",
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "0",
+        ],
+    )?;
+    let before = n.uplink_counters()?;
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, ALLOWED, ALLOWED, 50)?,
+        50
+    );
+    let after = n.uplink_counters()?;
+    assert_eq!(
+        after.judged_before_packets, before.judged_before_packets,
+        "a cleared mark must mean a second lookup"
+    );
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, DENIED, ALLOWED, 5)?,
+        0
+    );
+    Ok(())
+}
