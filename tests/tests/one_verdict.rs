@@ -3,15 +3,13 @@
 //! and traffic from sources we did not attach are judged at the uplink; pods of excluded
 //! namespaces reach denied addresses off the node. Real installer, plugin, libcni
 //! runtime (bridge and ptp primaries), iptables marks of a kube-proxy-style neighbour.
-use std::time::Duration;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use egress_deny_datapath::counters::CounterMap;
 use egress_deny_tests::{
     cni::{ALLOWED, CniNode, DENIED, Primary, hand_made_pod},
     installer::{Installer, InstallerDirs},
     probe::{ping, udp_through},
-    require_root, wait_until,
+    require_root,
 };
 use serde_json::json;
 
@@ -19,7 +17,8 @@ struct Node {
     node: CniNode,
     dirs: InstallerDirs,
     conflist: std::path::PathBuf,
-    installer: Installer,
+    /// Kept running for the test's length (stopped on drop).
+    _installer: Installer,
 }
 
 /// A node with `primary`, `excluded` as excluded namespaces, DENIED denied and the
@@ -41,7 +40,7 @@ fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
         node,
         dirs,
         conflist,
-        installer,
+        _installer: installer,
     })
 }
 
