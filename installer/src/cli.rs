@@ -32,21 +32,28 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct StateArgs {
+    /// bpffs directory of the program, maps and links (the DaemonSet's `bpffs` hostPath
+    /// volume; written into the conflist entry when not the default).
     #[arg(long, env = "EGRESS_DENY_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Attachment records (written by the plugin) and the daemon's sync status.
+    /// Attachment records (written by the plugin) and the daemon's sync status (the
+    /// DaemonSet's `state` hostPath volume, a tmpfs: same lifetime as the pins).
     #[arg(long, env = "EGRESS_DENY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct CniDirs {
+    /// The node's CNI configuration directory, where the primary CNI's conflist gets our
+    /// entry (the DaemonSet's `cni-conf` hostPath volume).
     #[arg(
         long,
         env = "EGRESS_DENY_CNI_CONF_DIR",
         default_value = "/etc/cni/net.d"
     )]
     pub cni_conf_dir: PathBuf,
+    /// The node's CNI plugin directory, where the plugin binary is installed (the
+    /// DaemonSet's `cni-bin` hostPath volume).
     #[arg(long, env = "EGRESS_DENY_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
 }
@@ -57,13 +64,17 @@ pub struct RunArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub cni: CniDirs,
+    /// The rule lists: every regular file, kubelet's ConfigMap layout included (the
+    /// DaemonSet's projected `rules` volume). A missing directory is an error that keeps
+    /// the enforced rules; an empty one means no rules.
     #[arg(
         long,
         env = "EGRESS_DENY_RULES_DIR",
         default_value = "/etc/egress-deny/rules"
     )]
     pub rules_dir: PathBuf,
-    /// `auto` (interfaces of the default routes), `none`, or a comma list.
+    /// Host interfaces filtered on tc egress (node traffic): `auto` (the interfaces of
+    /// the default routes, followed as they change), `none`, or a comma list.
     #[arg(long, env = "EGRESS_DENY_HOST_INTERFACES", default_value = "auto")]
     pub host_interfaces: String,
     /// CIDRs that must stay reachable whatever the rules say (comma-separated; empty:
@@ -73,6 +84,8 @@ pub struct RunArgs {
     /// The plugin binary to install (default: egress-deny next to this executable).
     #[arg(long, env = "EGRESS_DENY_PLUGIN_BINARY")]
     pub plugin_binary: Option<PathBuf>,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (the DaemonSet's probes and
+    /// PodMonitor use its port).
     #[arg(long, env = "EGRESS_DENY_LISTEN", default_value = "0.0.0.0:9765")]
     pub listen: SocketAddr,
     /// Namespaces whose pods are not filtered (written into the conflist entry;
@@ -172,6 +185,7 @@ pub struct UninstallArgs {
 pub struct LookupArgs {
     #[command(flatten)]
     pub state: StateArgs,
+    /// Addresses to decide, IPv4 or IPv6.
     #[arg(required = true)]
     pub addresses: Vec<std::net::IpAddr>,
 }

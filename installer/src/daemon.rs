@@ -183,6 +183,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         seen: None,
         cancel,
         said_empty: false,
+        last_rejection: None,
     };
     rules.sync(args, &shared);
     let mut rules_due: Option<Instant> = None;
@@ -224,7 +225,13 @@ struct RulesSync {
     seen: Option<Seen>,
     cancel: Arc<AtomicBool>,
     said_empty: bool,
+    /// The last rejection logged, and when: the same one is logged again only as a
+    /// slow reminder (status and /metrics keep it meanwhile).
+    last_rejection: Option<(String, Instant)>,
 }
+
+/// How often a rejection that stays is logged again.
+const REJECTION_REMINDER: Duration = Duration::from_secs(600);
 
 /// Why a sync did not apply.
 enum Rejected {
@@ -362,7 +369,7 @@ impl RulesSync {
     }
 
     fn finish(
-        &self,
+        &mut self,
         args: &RunArgs,
         shared: &Shared,
         started: Instant,
@@ -392,6 +399,7 @@ impl RulesSync {
                     CountsDisplay(&rules),
                 );
                 status.last_success = now();
+                self.last_rejection = None;
                 if let Err(e) = events::mark_rules_loaded(&shared.layout) {
                     log::error!("marking the rules loaded: {e}");
                 }
@@ -406,7 +414,16 @@ impl RulesSync {
                 return;
             }
             Err(Rejected::Content(why) | Rejected::Transient(why)) => {
-                log::error!("rules update rejected, the previous rules stay enforced: {why}");
+                let repeated = self
+                    .last_rejection
+                    .as_ref()
+                    .is_some_and(|(last, at)| *last == why && at.elapsed() < REJECTION_REMINDER);
+                if repeated {
+                    log::debug!("rules update still rejected: {why}");
+                } else {
+                    log::error!("rules update rejected, the previous rules stay enforced: {why}");
+                    self.last_rejection = Some((why.clone(), Instant::now()));
+                }
                 status.sync_errors_total += 1;
                 (false, Some(why), 0, previous.files)
             }

@@ -22,16 +22,16 @@ fn main() -> ExitCode {
         .init();
     let cli = cli::Cli::parse();
     let result = match &cli.command {
-        cli::Command::Run(args) => daemon::run(args),
-        cli::Command::Uninstall(args) => uninstall::run(args),
+        cli::Command::Run(args) => daemon::run(args).map(|()| 0),
+        cli::Command::Uninstall(args) => uninstall::run(args).map(|()| 0),
         cli::Command::Status(args) => status::run_status(args),
-        cli::Command::Lookup(args) => status::run_lookup(args),
+        cli::Command::Lookup(args) => status::run_lookup(args).map(|()| 0),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             log::error!("{e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(status::exit::ERROR)
         }
     }
 }

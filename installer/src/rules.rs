@@ -310,6 +310,20 @@ pub fn rule_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// A rule file as the operator knows it: the ConfigMap key under the rules directory,
+/// not kubelet's timestamped snapshot directory it is read from (whose name changes
+/// with every update, so the same error would read differently each time).
+pub fn shown(path: &Path) -> String {
+    let snapshot = path.parent().filter(|p| {
+        p.file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+    });
+    match (snapshot.and_then(Path::parent), path.file_name()) {
+        (Some(dir), Some(key)) => dir.join(key).display().to_string(),
+        _ => path.display().to_string(),
+    }
+}
+
 /// Whether `files` (from [`rule_files`]) still are the directory's current version:
 /// false when kubelet swapped `..data` while they were being read. The caller reads
 /// again rather than enforce a version that is already gone.
@@ -445,7 +459,7 @@ fn locate_conflict(files: &[PathBuf], prefix: IpNet, cancel: &AtomicBool) -> Rul
         if cancel.load(Ordering::Relaxed) {
             return RulesError::Interrupted;
         }
-        let name = file.display().to_string();
+        let name = shown(file);
         let _ = for_each_line(file, &mut |line_no, line| {
             if let Some((Ok(rule), action)) = split_rule(line).map(|(a, t)| (parse_rule(t), a))
                 && rule.net() == prefix
@@ -477,7 +491,13 @@ fn for_each_line(path: &Path, f: &mut dyn FnMut(usize, &[u8])) -> io::Result<()>
             return Ok(());
         }
         line_no += 1;
-        f(line_no, buf.strip_suffix(b"\n").unwrap_or(&buf));
+        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let line = if line_no == 1 {
+            line.strip_prefix(UTF8_BOM).unwrap_or(line)
+        } else {
+            line
+        };
+        f(line_no, line);
     }
 }
 
@@ -621,6 +641,8 @@ fn fast_v4(text: &[u8]) -> Option<(u32, u8)> {
     (i == text.len()).then_some((addr, len))
 }
 
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Lines are read in blocks of about this size, cut at a newline.
 const BLOCK: usize = 1 << 20;
 /// Entries are collected in fixed chunks (no doubling slack, no big copy at the end).
@@ -747,7 +769,7 @@ fn pipeline(
             .map(|(_, _, n)| n)
             .sum();
         return Err(RulesError::Line {
-            file: files[file].display().to_string(),
+            file: shown(&files[file]),
             line: before + line,
             message,
         });
@@ -785,11 +807,14 @@ fn read_blocks(
     let mut total: u64 = 0;
     for (file_index, path) in files.iter().enumerate() {
         let file_error = |message: String| RulesError::File {
-            file: path.display().to_string(),
+            file: shown(path),
             message,
         };
         let mut reader = open(path).map_err(|e| file_error(e.to_string()))?;
         let mut carry: Vec<u8> = Vec::new();
+        // A UTF-8 byte-order mark (files saved by Windows tools, some feed exports) is
+        // not part of the first line.
+        let mut at_start = true;
         let mut seq = 0;
         loop {
             if cancel.load(Ordering::Relaxed) {
@@ -816,7 +841,7 @@ fn read_blocks(
                 if tail > limits.max_line {
                     return Err(RulesError::TooLarge(format!(
                         "{}: a line longer than {} bytes: not a rules file (--max-line-bytes)",
-                        path.display(),
+                        shown(path),
                         limits.max_line,
                     )));
                 }
@@ -828,12 +853,18 @@ fn read_blocks(
                 let n = read_retrying(&mut reader, &mut buf[filled..])
                     .map_err(|e| file_error(format!("read error: {e}")))?;
                 buf.truncate(filled + n);
+                if at_start && (buf.len() >= UTF8_BOM.len() || n == 0) {
+                    if buf.starts_with(UTF8_BOM) {
+                        buf.drain(..UTF8_BOM.len());
+                    }
+                    at_start = false;
+                }
                 total += n as u64;
                 if total > limits.max_bytes {
                     return Err(RulesError::TooLarge(format!(
                         "the rule files hold more than {} bytes (after decompression; --max-rules-bytes); stopped in {}",
                         limits.max_bytes,
-                        path.display()
+                        shown(path)
                     )));
                 }
                 if n == 0 {
@@ -1205,6 +1236,23 @@ mod tests {
         let dir = dir_with(&[("cut.gz", &cut)]);
         let err = parse_with(dir.path(), Limits::default()).unwrap_err();
         assert!(err.to_string().contains("cut.gz"), "{err}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_crlf_and_tabs_are_accepted() {
+        let text = "\u{feff}198.51.100.0/24\r\n\t2001:db8::/32\t# tab-separated comment\r\n!198.51.100.128/25\r\n";
+        let dir = dir_with(&[("feed", text.as_bytes()), ("feed2.gz", &gz(text))]);
+        let parsed = parse_dir(dir.path()).unwrap();
+        let c = parsed.rules.counts();
+        assert_eq!((c.v4_deny, c.v4_allow, c.v6_deny), (1, 1, 1));
+        // Only at the start of a file: a mark inside is an error naming the line.
+        let dir = dir_with(&[("feed", "10.0.0.0/8\n\u{feff}192.0.2.0/24\n".as_bytes())]);
+        assert!(
+            parse_dir(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains(":2:")
+        );
     }
 
     #[test]

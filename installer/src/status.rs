@@ -196,7 +196,21 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout) -> Vec<LiveAttachmen
     out
 }
 
-pub fn run_status(args: &StateArgs) -> Result<()> {
+/// `status` exit codes, for scripts and probes (documented in conf/README.md).
+pub mod exit {
+    /// Enforcing: installed, a valid rule set loaded, last sync fine, nothing unfiltered.
+    pub const OK: u8 = 0;
+    /// The command itself failed (main's generic error code).
+    pub const ERROR: u8 = 1;
+    /// Enforcing, but something needs attention: the last update was rejected, the
+    /// maps have not converged, or a host interface is not filtered.
+    pub const DEGRADED: u8 = 2;
+    /// Not enforcing: nothing installed, or no valid rule set loaded yet.
+    pub const NOT_ENFORCING: u8 = 3;
+}
+
+/// Prints the node's state; returns the exit code (see [`exit`]).
+pub fn run_status(args: &StateArgs) -> Result<u8> {
     let layout = PinLayout::new(&args.pin_dir);
     let state = StateLayout::new(&args.state_dir);
     let mut out = String::new();
@@ -284,7 +298,22 @@ pub fn run_status(args: &StateArgs) -> Result<()> {
         )?;
     }
     print!("{out}");
-    Ok(())
+    let status = DaemonStatus::load(&args.state_dir);
+    let rules_loaded =
+        installed && egress_deny_datapath::events::rules_loaded(&layout).unwrap_or(false);
+    let degraded = status.as_ref().is_some_and(|s| {
+        s.last_sync
+            .as_ref()
+            .is_some_and(|sync| !sync.ok || sync.pending_operations.is_some_and(|p| p > 0))
+            || !s.host_interfaces_unfiltered.is_empty()
+    });
+    Ok(if !rules_loaded {
+        exit::NOT_ENFORCING
+    } else if degraded {
+        exit::DEGRADED
+    } else {
+        exit::OK
+    })
 }
 
 pub fn run_lookup(args: &LookupArgs) -> Result<()> {

@@ -76,17 +76,32 @@ impl InstallerDirs {
         ]
     }
 
-    /// Runs a one-shot subcommand (status, lookup, uninstall); returns stdout.
+    /// Runs a one-shot subcommand (status, lookup, uninstall); returns stdout. `status`
+    /// reporting a degraded or not-enforcing node (exit 2 or 3) is an answer, not a
+    /// failure: see [`Self::status_code`] for the code.
     pub fn cli(&self, netns: Option<&Netns>, args: &[&str]) -> Result<String> {
         let mut cmd = installer_command(netns);
         let out = cmd.args(args).output()?;
-        if !out.status.success() {
+        let answered = args.first() == Some(&"status") && matches!(out.status.code(), Some(2 | 3));
+        if !out.status.success() && !answered {
             bail!(
                 "installer {args:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `status` for this instance's dirs: (exit code, stdout).
+    pub fn status_code(&self, netns: Option<&Netns>) -> Result<(i32, String)> {
+        let out = installer_command(netns)
+            .arg("status")
+            .args(self.state_args())
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
     }
 
     /// Writes a rules file the way kubelet updates a ConfigMap volume: a new
