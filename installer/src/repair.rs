@@ -5,10 +5,9 @@
 use std::path::Path;
 
 use egress_deny_datapath::{
-    attach::{self, AttachMode, AttachRequest, Hook},
-    counters::CounterMap,
-    iface,
-    paths::{PinLayout, StateLayout},
+    attach::AttachMode,
+    lifecycle,
+    paths::{AttachmentId, PinLayout, StateLayout},
     records::{AttachmentRecord, PodIdentity},
     veth,
 };
@@ -45,8 +44,8 @@ pub fn repair_from_cache(layout: &PinLayout, state: &StateLayout, cache_dir: &Pa
         if cached.kind != "cniCacheV1" {
             continue;
         }
-        let record_path = state.attachment_record(&cached.container_id, &cached.if_name);
-        if record_path.exists() {
+        let id = AttachmentId::new(&cached.network_name, &cached.container_id, &cached.if_name);
+        if AttachmentRecord::find(state, &id).is_some() {
             continue;
         }
         // The pod side's sandbox (netns path) as the primary plugin reported it.
@@ -84,17 +83,6 @@ fn attach_pod(
     netns: &str,
 ) -> egress_deny_datapath::Result<String> {
     let host = veth::host_side(Path::new(netns), &cached.if_name)?;
-    let link_pin = layout.pod_link(&cached.container_id, &cached.if_name);
-    let mode = AttachMode::best_available();
-    let attachment = attach::attach(
-        layout,
-        &AttachRequest {
-            ifname: &host.ifname,
-            hook: Hook::Ingress,
-            link_pin: &link_pin,
-            mode,
-        },
-    )?;
     let arg = |key: &str| {
         cached
             .cni_args
@@ -103,14 +91,14 @@ fn attach_pod(
             .map(|(_, v)| v.clone())
     };
     let pod = PodIdentity {
+        network: cached.network_name.clone(),
         container_id: cached.container_id.clone(),
         ifname: cached.if_name.clone(),
         netns: netns.to_owned(),
         pod_namespace: arg("K8S_POD_NAMESPACE"),
         pod_name: arg("K8S_POD_NAME"),
     };
-    let record = AttachmentRecord::new(pod, &host, &attachment, &link_pin);
-    record.write(state)?;
+    let record = lifecycle::attach_pod(layout, state, pod, &host, AttachMode::best_available())?;
     Ok(match (&record.pod_namespace, &record.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name} ({})", host.ifname),
         _ => format!("container {} ({})", cached.container_id, host.ifname),
@@ -120,24 +108,5 @@ fn attach_pod(
 /// Removes records, pins and counters of attachments whose host veth is gone (the pod
 /// was deleted without a DEL reaching us). Returns how many.
 pub fn clean_up_vanished(layout: &PinLayout, state: &StateLayout) -> usize {
-    let mut counters = CounterMap::open(layout).ok();
-    let mut removed = 0;
-    for (path, record) in AttachmentRecord::list(state).unwrap_or_default() {
-        let alive = iface::ifindex(&record.host_ifname).is_ok_and(|i| i == record.host_ifindex);
-        if alive {
-            continue;
-        }
-        let link_pin = layout.pod_link(&record.container_id, &record.ifname);
-        let _ = attach::detach(None, Hook::Ingress, &link_pin, AttachMode::Tcx);
-        if let Some(c) = counters.as_mut() {
-            let _ = c.remove(record.host_ifindex);
-        }
-        let _ = std::fs::remove_file(&path);
-        log::info!(
-            "cleaned up the attachment of vanished container {}",
-            record.container_id
-        );
-        removed += 1;
-    }
-    removed
+    lifecycle::clean_up_vanished(layout, state)
 }
