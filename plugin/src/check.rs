@@ -1,7 +1,7 @@
 //! CHECK: the pod's host veth must carry the currently pinned program, attached the way
 //! its record says. Fails when the attachment is missing or runs another program.
 use egress_deny_datapath::{
-    attach::{self, AttachMode, Hook, NETLINK_PRIORITY},
+    attach::{self, AttachMode, Hook, NETLINK_HANDLE, NETLINK_PRIORITY},
     iface, netlink,
     records::AttachmentRecord,
 };
@@ -66,12 +66,13 @@ pub fn run(inv: &Invocation) -> Output {
             }
         }
         AttachMode::Netlink => {
-            let filters = netlink::bpf_filter_program_ids(veth.ifindex, Hook::Ingress)
+            let filters = netlink::bpf_filters(veth.ifindex, Hook::Ingress)
                 .map_err(|e| PluginError::datapath("listing tc filters", e))?;
+            // Ours by (priority, handle): another prio-1 filter may be listed first.
             let ours = filters
                 .iter()
-                .find(|(prio, _)| *prio == NETLINK_PRIORITY)
-                .map(|(_, id)| *id);
+                .find(|f| f.priority == NETLINK_PRIORITY && f.handle == NETLINK_HANDLE)
+                .map(|f| f.program_id);
             match ours {
                 None => {
                     return Err(PluginError::CheckFailed(format!(

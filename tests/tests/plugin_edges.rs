@@ -4,6 +4,9 @@
 use anyhow::{Context, Result, ensure};
 use aya::programs::SchedClassifier;
 use egress_deny_datapath::{
+    attach::{self, Hook, NETLINK_HANDLE, NETLINK_PRIORITY},
+    iface, netlink,
+    netns::NetnsGuard,
     paths::{ProgramKind, StateLayout},
     records::AttachmentRecord,
 };
@@ -564,5 +567,62 @@ fn legacy_named_attachments_are_still_checked_and_removed() -> Result<()> {
             "{mode}: legacy pin of a vanished pod kept"
         );
     }
+    Ok(())
+}
+
+/// Issue 10 item 13: filters of one priority share a classifier whose newest filter is
+/// listed (and runs) first. CHECK in cls_bpf mode must find ours by its handle, not take
+/// the first prio-1 bpf filter for ours.
+#[test]
+fn cls_bpf_check_finds_its_filter_by_handle_behind_a_foreign_prio_1_filter() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": "netlink" }))?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    pod.check(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let host = pod.record()?.host_ifname;
+    let ours = pinned_program_id(&node)?;
+
+    // Another component's prio-1 filter (another program, another handle), added later.
+    let foreign = PinDir::new()?;
+    const FOREIGN_HANDLE: u32 = 0x77;
+    let filters = {
+        let _in_node = NetnsGuard::enter(&node.node.path())?;
+        let ifindex = iface::ifindex(&host)?;
+        let (program, _) = attach::pinned_program_fd(&foreign.layout, ProgramKind::Ethernet)?;
+        netlink::replace_bpf_filter(
+            ifindex,
+            Hook::Ingress,
+            NETLINK_PRIORITY,
+            FOREIGN_HANDLE,
+            std::os::fd::AsFd::as_fd(&program),
+            "foreign",
+        )?;
+        netlink::bpf_filters(ifindex, Hook::Ingress)?
+    };
+    ensure!(
+        filters.len() == 2
+            && filters[0].handle == FOREIGN_HANDLE
+            && filters[0].program_id != ours
+            && filters[1].handle == NETLINK_HANDLE
+            && filters[1].program_id == ours,
+        "the foreign filter is not listed first: {filters:?}"
+    );
+    pod.check(&conflist, "")?
+        .map_err(|e| anyhow::anyhow!("CHECK with a foreign prio-1 filter listed first: {e}"))?;
+
+    // Ours gone, the foreign one still there: CHECK fails.
+    node.node.exec(
+        "tc",
+        &[
+            "filter", "del", "dev", &host, "ingress", "pref", "1", "handle", "0xed01", "bpf",
+        ],
+    )?;
+    let failure = pod
+        .check(&conflist, "")?
+        .expect_err("CHECK must fail without our filter");
+    ensure!(failure.msg.contains("no egress-deny filter"), "{failure}");
+    pod.del(&conflist, "")?.map_err(anyhow::Error::msg)?;
     Ok(())
 }
