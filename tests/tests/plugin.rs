@@ -589,3 +589,21 @@ fn pods_whose_old_names_collide_stay_attached_independently() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 10 item 11: with `failurePolicy: ignore` ADD lets pods start without the
+/// installer, so STATUS must not report the plugin unavailable.
+#[test]
+fn status_follows_the_failure_policy_when_the_installer_is_missing() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    loader::unpin_all(&node.pins.layout)?;
+    let ignore = entry_1_1(&node, json!({ "failurePolicy": "ignore" }));
+    let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "STATUS")], &ignore.to_string())?;
+    ensure!(ok, "STATUS with failurePolicy ignore: {out}");
+    ensure!(out.is_null(), "STATUS prints nothing on success: {out}");
+    let fail = entry_1_1(&node, json!({ "failurePolicy": "fail" }));
+    let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "STATUS")], &fail.to_string())?;
+    ensure!(!ok, "STATUS with failurePolicy fail must fail: {out}");
+    assert_eq!(out["code"], json!(50), "{out}");
+    Ok(())
+}
