@@ -450,7 +450,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     let (layout, state) = (&shared.layout, &shared.state);
     let mut conflist_error: Option<String> = None;
     ensure_conflist(args, shared, &mut conflist_error);
-    repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+    repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
     let mut host_links = attach_host_interfaces(args, layout, &[]);
     set_host_interfaces(shared, args, &host_links);
     let mut conf_due: Option<Instant> = None;
@@ -475,7 +475,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
                 crate::verify::attachments(layout, &shared.repairs);
             }
             repair::clean_up_vanished(layout, state);
-            repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+            repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
             set_host_interfaces(shared, args, &host_links);
         }
     }
