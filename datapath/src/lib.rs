@@ -14,6 +14,7 @@ pub mod counters;
 pub mod error;
 pub mod events;
 pub mod iface;
+pub mod lifecycle;
 pub mod loader;
 pub mod netlink;
 pub mod netns;

@@ -197,8 +197,26 @@ pub fn replace_bpf_filter(
     })
 }
 
+/// One cls_bpf filter on a clsact hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+    pub program_id: u32,
+}
+
 /// Program IDs of the cls_bpf filters on `ifindex`'s clsact hook, with their priority.
 pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)>> {
+    Ok(bpf_filters(ifindex, hook)?
+        .into_iter()
+        .map(|f| (f.priority, f.program_id))
+        .collect())
+}
+
+/// The cls_bpf filters on `ifindex`'s clsact hook, in the kernel's (evaluation) order.
+/// Filters of one priority share a classifier; its newest filter is listed (and runs)
+/// first, so a filter is identified by (priority, handle), never by position.
+pub fn bpf_filters(ifindex: u32, hook: Hook) -> Result<Vec<BpfFilter>> {
     let req = tcmsg(ifindex, 0, clsact_parent(hook), 0);
     let replies = match request(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, &req) {
         Ok(replies) => replies,
@@ -218,6 +236,7 @@ pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)
         if ty != RTM_NEWTFILTER || body.len() < 20 {
             continue;
         }
+        let handle = u32::from_ne_bytes(body[8..12].try_into().unwrap());
         let info = u32::from_ne_bytes(body[16..20].try_into().unwrap());
         let priority = (info >> 16) as u16;
         let mut is_bpf = false;
@@ -235,8 +254,12 @@ pub fn bpf_filter_program_ids(ifindex: u32, hook: Hook) -> Result<Vec<(u16, u32)
                 _ => {}
             }
         }
-        if let (true, Some(id)) = (is_bpf, id) {
-            out.push((priority, id));
+        if let (true, Some(program_id)) = (is_bpf, id) {
+            out.push(BpfFilter {
+                priority,
+                handle,
+                program_id,
+            });
         }
     }
     Ok(out)

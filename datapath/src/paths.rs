@@ -13,7 +13,10 @@
 //! <pinDir>/egress_deny_exempt  program for veths of pods in excluded namespaces
 //! <pinDir>/events             ring buffer of deny events
 //! <pinDir>/settings           judged-packet mark, NAT64 prefixes
-//! <pinDir>/links/pod_<containerID>_<ifname>   TCX link of a pod attachment
+//! <pinDir>/links/pod+<network>+<containerID>+<ifname>
+//!                             TCX link of a pod attachment (fields escaped, see
+//!                             [`AttachmentId::name`]); `pod_<containerID>_<ifname>`
+//!                             from versions before the network was part of the name
 //! <pinDir>/links/host_<ifname>                TCX link of a host interface
 //! ```
 use std::path::{Path, PathBuf};
@@ -46,7 +49,11 @@ pub const PROGRAM_EXEMPT: &str = "egress_deny_exempt";
 const LINKS_DIR: &str = "links";
 const REORDER_LINK_PREFIX: &str = "tmp_";
 const STAGED_SUFFIX: &str = "_staged";
-const POD_LINK_PREFIX: &str = "pod_";
+const POD_LINK_PREFIX: &str = "pod+";
+const LEGACY_POD_LINK_PREFIX: &str = "pod_";
+const FIELD_SEPARATOR: char = '+';
+const ESCAPE: char = '%';
+const RECORD_SUFFIX: &str = ".json";
 const HOST_LINK_PREFIX: &str = "host_";
 const ATTACHMENTS_DIR: &str = "attachments";
 
@@ -113,10 +120,24 @@ impl PinLayout {
         ))
     }
 
-    /// Link pin of a pod attachment, keyed like CNI's attachment identity
-    /// (container ID + interface name).
+    /// Link pin of a pod attachment.
+    pub fn pod_link_for(&self, id: &AttachmentId) -> PathBuf {
+        self.links_dir().join(id.name())
+    }
+
+    /// Where versions before the network was part of the name pinned the link (an
+    /// upgrade leaves these behind; DEL, GC and uninstall still remove them).
+    pub fn legacy_pod_link(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.links_dir()
+            .join(legacy_pod_link_name(container_id, ifname))
+    }
+
+    /// For callers that do not know the network (tools, tests): the pin of
+    /// (container ID, ifname) on whichever network has one, else the legacy name. The
+    /// plugin and the installer use [`Self::pod_link_for`].
     pub fn pod_link(&self, container_id: &str, ifname: &str) -> PathBuf {
-        self.links_dir().join(pod_link_name(container_id, ifname))
+        find_named(&self.links_dir(), "", container_id, ifname)
+            .unwrap_or_else(|| self.legacy_pod_link(container_id, ifname))
     }
 
     pub fn host_link(&self, ifname: &str) -> PathBuf {
@@ -125,21 +146,144 @@ impl PinLayout {
     }
 }
 
-pub fn pod_link_name(container_id: &str, ifname: &str) -> String {
-    bpffs_safe(&format!("{POD_LINK_PREFIX}{container_id}_{ifname}"))
+/// The name versions before the network was part of it used: ambiguous (`_` joins
+/// fields that may contain `_`; `.` and `~` both become `~`), kept only to find and
+/// remove what those versions left.
+pub fn legacy_pod_link_name(container_id: &str, ifname: &str) -> String {
+    bpffs_safe(&format!("{LEGACY_POD_LINK_PREFIX}{container_id}_{ifname}"))
 }
 
 /// bpffs refuses names containing '.', which container IDs and interface names (VLAN
-/// devices like `eth0.100`) may hold; '~' appears in neither.
+/// devices like `eth0.100`) may hold. Only for host links and legacy pod names: not
+/// reversible when the name holds a '~'.
 pub fn bpffs_safe(name: &str) -> String {
     name.replace('.', "~")
 }
 
-/// Splits a pod link pin name back into (container ID, ifname). Interface names may
-/// contain '_', container IDs (CNI: alphanumerics, '-', '.', '_') may too, so the
-/// attachment record is the source of truth; this is only for listing.
+/// Any pod link pin, current or legacy naming.
 pub fn is_pod_link_name(name: &str) -> bool {
-    name.starts_with(POD_LINK_PREFIX)
+    name.starts_with(POD_LINK_PREFIX) || name.starts_with(LEGACY_POD_LINK_PREFIX)
+}
+
+/// A pod link pin named by a version before the network was part of the name.
+pub fn is_legacy_pod_link_name(name: &str) -> bool {
+    name.starts_with(LEGACY_POD_LINK_PREFIX)
+}
+
+/// One pod attachment as CNI identifies it: network name (the conflist `name`),
+/// container ID, interface name inside the pod. Runtimes (and GC's
+/// `cni.dev/valid-attachments`) speak per network, so pins and records carry it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttachmentId {
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Longest encoded name accepted: the record file adds `.json`, its temp file a dot
+/// and `.tmp<pid>`, and a bpffs or tmpfs name has at most 255 bytes.
+pub const MAX_ATTACHMENT_NAME: usize = 230;
+
+impl AttachmentId {
+    pub fn new(network: &str, container_id: &str, ifname: &str) -> Self {
+        Self {
+            network: network.to_owned(),
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        }
+    }
+
+    /// `pod+<network>+<containerID>+<ifname>`, each field with every byte outside
+    /// `[A-Za-z0-9_-]` written as `%XX` (uppercase hex): no field holds a `+`, no name
+    /// a `.` (bpffs refuses it), and [`Self::parse_name`] inverts it exactly.
+    pub fn name(&self) -> String {
+        let mut name = String::from(POD_LINK_PREFIX);
+        for (i, field) in [&self.network, &self.container_id, &self.ifname]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                name.push(FIELD_SEPARATOR);
+            }
+            escape_into(&mut name, field);
+        }
+        name
+    }
+
+    /// The inverse of [`Self::name`]; `None` for anything [`Self::name`] would not
+    /// produce (legacy names, other pins, non-canonical escapes).
+    pub fn parse_name(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix(POD_LINK_PREFIX)?;
+        let mut fields = rest.split(FIELD_SEPARATOR);
+        let (network, container_id, ifname) = (
+            unescape(fields.next()?)?,
+            unescape(fields.next()?)?,
+            unescape(fields.next()?)?,
+        );
+        if fields.next().is_some() {
+            return None;
+        }
+        let id = Self {
+            network,
+            container_id,
+            ifname,
+        };
+        (id.name() == name).then_some(id)
+    }
+
+    /// Refuses identities whose name would not fit a file name.
+    pub fn check_length(&self) -> Result<(), String> {
+        let len = self.name().len();
+        if len > MAX_ATTACHMENT_NAME {
+            return Err(format!(
+                "network {:?}, container {:?}, interface {:?}: encoded name is {len} bytes (at most {MAX_ATTACHMENT_NAME})",
+                self.network, self.container_id, self.ifname
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for AttachmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.network, self.container_id, self.ifname)
+    }
+}
+
+fn escape_into(out: &mut String, field: &str) {
+    for byte in field.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(char::from(byte));
+        } else {
+            out.push(ESCAPE);
+            out.push_str(&format!("{byte:02X}"));
+        }
+    }
+}
+
+fn unescape(field: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(field.len());
+    let mut iter = field.bytes();
+    while let Some(byte) = iter.next() {
+        if byte == ESCAPE as u8 {
+            let hex = [iter.next()?, iter.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+        } else {
+            bytes.push(byte);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// The entry of `dir` named `<current name of (network, container, ifname)><suffix>`
+/// for any network.
+fn find_named(dir: &Path, suffix: &str, container_id: &str, ifname: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name();
+        let id = AttachmentId::parse_name(name.to_str()?.strip_suffix(suffix)?)?;
+        (id.container_id == container_id && id.ifname == ifname).then(|| entry.path())
+    })
 }
 
 /// A [`PinLayout::reorder_link`] pin (a leftover, when its daemon was killed).
@@ -171,8 +315,101 @@ impl StateLayout {
         self.root.join(ATTACHMENTS_DIR)
     }
 
-    pub fn attachment_record(&self, container_id: &str, ifname: &str) -> PathBuf {
+    pub fn record_for(&self, id: &AttachmentId) -> PathBuf {
         self.attachments_dir()
-            .join(format!("{}.json", pod_link_name(container_id, ifname)))
+            .join(format!("{}{RECORD_SUFFIX}", id.name()))
+    }
+
+    /// Where versions before the network was part of the name wrote the record.
+    pub fn legacy_record(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.attachments_dir().join(format!(
+            "{}{RECORD_SUFFIX}",
+            legacy_pod_link_name(container_id, ifname)
+        ))
+    }
+
+    /// For callers that do not know the network (tools, tests): the record of
+    /// (container ID, ifname) on whichever network has one, else the legacy name.
+    pub fn attachment_record(&self, container_id: &str, ifname: &str) -> PathBuf {
+        find_named(&self.attachments_dir(), RECORD_SUFFIX, container_id, ifname)
+            .unwrap_or_else(|| self.legacy_record(container_id, ifname))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unambiguous_bpffs_safe_and_reversible() {
+        let ids = [
+            AttachmentId::new("net", "a_b", "c"),
+            AttachmentId::new("net", "a", "b_c"),
+            AttachmentId::new("net", "c1", "x.y"),
+            AttachmentId::new("net", "c1", "x~y"),
+            AttachmentId::new("net", "c1", "x%2Ey"),
+            AttachmentId::new("net+a", "b", "c"),
+            AttachmentId::new("net", "a+b", "c"),
+            AttachmentId::new("my.net", "0123abc.def-1", "eth0"),
+            AttachmentId::new("", "c", "\u{e9}th0"),
+        ];
+        let names: std::collections::HashSet<String> = ids.iter().map(|id| id.name()).collect();
+        assert_eq!(names.len(), ids.len(), "{names:?}");
+        for id in &ids {
+            let name = id.name();
+            assert!(!name.contains('.') && !name.contains('/'), "{name}");
+            assert!(is_pod_link_name(&name) && !is_legacy_pod_link_name(&name));
+            assert_eq!(AttachmentId::parse_name(&name).as_ref(), Some(id), "{name}");
+        }
+        // Legacy and foreign names, and non-canonical spellings, are not ids.
+        for name in [
+            "pod_a_b_c",
+            "host_eth0",
+            "pod+n+c",
+            "pod+n+c+i+j",
+            "pod+n+c+%2e",
+            "pod+n+c+%2",
+            "pod+n+c+%41",
+            "pod+n+c+a.b",
+        ] {
+            assert_eq!(AttachmentId::parse_name(name), None, "{name}");
+        }
+        assert!(is_legacy_pod_link_name("pod_a_b_c") && is_pod_link_name("pod_a_b_c"));
+    }
+
+    #[test]
+    fn overlong_names_are_refused() {
+        let id = AttachmentId::new("net", &".".repeat(100), "eth0");
+        assert!(id.check_length().is_err());
+        assert!(
+            AttachmentId::new("net", &"a".repeat(64), "eth0")
+                .check_length()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn lookups_without_the_network_fall_back_to_the_legacy_name() {
+        let dir = tempfile_dir();
+        let state = StateLayout::new(&dir);
+        assert_eq!(
+            state.attachment_record("c", "eth0"),
+            state.legacy_record("c", "eth0")
+        );
+        std::fs::create_dir_all(state.attachments_dir()).unwrap();
+        let id = AttachmentId::new("n1", "c", "eth0");
+        std::fs::write(state.record_for(&id), b"{}").unwrap();
+        assert_eq!(state.attachment_record("c", "eth0"), state.record_for(&id));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "egress-deny-paths-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
     }
 }

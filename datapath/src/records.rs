@@ -11,12 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
-    paths::StateLayout,
+    paths::{AttachmentId, PinLayout, StateLayout},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AttachmentRecord {
+    /// The CNI network (conflist `name`); `None` in records of versions before the
+    /// network was part of the identity (named with the legacy scheme).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     pub container_id: String,
     /// CNI_IFNAME inside the pod.
     pub ifname: String,
@@ -41,6 +45,8 @@ pub struct AttachmentRecord {
 /// Who a pod attachment belongs to (from CNI: container, interface, netns, K8S_* args).
 #[derive(Clone, Debug, Default)]
 pub struct PodIdentity {
+    /// The CNI network (conflist `name`).
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
     pub netns: String,
@@ -58,6 +64,7 @@ impl AttachmentRecord {
     ) -> Self {
         let tcx = attachment.mode == crate::attach::AttachMode::Tcx;
         Self {
+            network: Some(pod.network),
             container_id: pod.container_id,
             ifname: pod.ifname,
             netns: pod.netns,
@@ -79,8 +86,31 @@ impl AttachmentRecord {
         }
     }
 
+    /// The identity the record is filed under; `None` for a legacy record.
+    pub fn id(&self) -> Option<AttachmentId> {
+        self.network
+            .as_deref()
+            .map(|network| AttachmentId::new(network, &self.container_id, &self.ifname))
+    }
+
+    /// Where this record lives (current or legacy naming).
+    pub fn path(&self, state: &StateLayout) -> PathBuf {
+        match self.id() {
+            Some(id) => state.record_for(&id),
+            None => state.legacy_record(&self.container_id, &self.ifname),
+        }
+    }
+
+    /// The TCX link pin of this attachment (current or legacy naming).
+    pub fn link_pin_path(&self, layout: &PinLayout) -> PathBuf {
+        match self.id() {
+            Some(id) => layout.pod_link_for(&id),
+            None => layout.legacy_pod_link(&self.container_id, &self.ifname),
+        }
+    }
+
     pub fn write(&self, state: &StateLayout) -> Result<PathBuf> {
-        let path = state.attachment_record(&self.container_id, &self.ifname);
+        let path = self.path(state);
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Invalid(format!("serializing attachment record: {e}")))?;
         write_atomically(&path, &json)?;
@@ -94,10 +124,30 @@ impl AttachmentRecord {
             .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
     }
 
-    /// Removes the record; already gone is fine.
-    pub fn remove(state: &StateLayout, container_id: &str, ifname: &str) -> Result<()> {
-        let path = state.attachment_record(container_id, ifname);
-        match fs::remove_file(&path) {
+    /// The record of `id`: under its own name, else under the legacy name if that
+    /// record really is this attachment (legacy names are ambiguous: `a_b`+`c` and
+    /// `a`+`b_c` share one, and only the content tells whose it is).
+    pub fn find(state: &StateLayout, id: &AttachmentId) -> Option<(PathBuf, Self)> {
+        let current = state.record_for(id);
+        if let Ok(record) = Self::read(&current) {
+            return Some((current, record));
+        }
+        let legacy = state.legacy_record(&id.container_id, &id.ifname);
+        match Self::read(&legacy) {
+            Ok(record)
+                if record.network.is_none()
+                    && record.container_id == id.container_id
+                    && record.ifname == id.ifname =>
+            {
+                Some((legacy, record))
+            }
+            _ => None,
+        }
+    }
+
+    /// Removes a record file; already gone is fine.
+    pub fn remove_file(path: &Path) -> Result<()> {
+        match fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),

@@ -476,7 +476,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     let (layout, state) = (&shared.layout, &shared.state);
     let mut conflist_error: Option<String> = None;
     ensure_conflist(args, shared, &mut conflist_error);
-    repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+    repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
     let mut host_links = attach_host_interfaces(args, layout, &HostLinks::default());
     set_host_interfaces(shared, args, &host_links);
     let mut conf_due: Option<Instant> = None;
@@ -501,7 +501,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
                 crate::verify::attachments(layout, &shared.repairs);
             }
             repair::clean_up_vanished(layout, state);
-            repair::repair_from_cache(layout, state, &args.cni_cache_dir);
+            repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
             set_host_interfaces(shared, args, &host_links);
         }
     }
@@ -646,7 +646,7 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
     crate::repair::clean_up_vanished(layout, state);
     let mut moved_pins = HashSet::new();
     for (_, record) in AttachmentRecord::list(state).unwrap_or_default() {
-        let link_pin = layout.pod_link(&record.container_id, &record.ifname);
+        let link_pin = record.link_pin_path(layout);
         let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
         let req = AttachRequest {
             ifname: &record.host_ifname,

@@ -1,18 +1,25 @@
 //! Repair: pods that started while the plugin was not installed (or was missing) run
-//! unfiltered. The runtime's CNI result cache lists every attachment it made; those we
-//! have no record of are attached now, without restarting the pod. Attachments whose
-//! pod is gone are cleaned up.
-use std::path::Path;
+//! unfiltered. The runtime's CNI result cache lists every attachment it made; those of
+//! networks that chain egress-deny, in namespaces that network does not exclude, and
+//! that we have no record of, are attached now, without restarting the pod.
+//! Attachments whose pod is gone are cleaned up.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use egress_deny_datapath::{
-    attach::{self, AttachMode, AttachRequest, Hook},
-    counters::CounterMap,
-    iface,
-    paths::{PinLayout, StateLayout},
+    attach::AttachMode,
+    lifecycle,
+    paths::{AttachmentId, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR, PinLayout, StateLayout},
     records::{AttachmentRecord, PodIdentity},
     veth,
 };
 use serde::Deserialize;
+use serde_json::Value;
+
+use crate::conflist::{PLUGIN_TYPE, config_files};
 
 /// libcni's cache entry (`<cache dir>/results/<network>-<container>-<ifname>`).
 #[derive(Deserialize)]
@@ -23,20 +30,115 @@ struct CachedResult {
     if_name: String,
     #[serde(default)]
     network_name: String,
+    /// The network configuration the runtime used (Go `[]byte`: base64).
+    #[serde(default)]
+    config: String,
     #[serde(default)]
     cni_args: Vec<(String, String)>,
     #[serde(default)]
-    result: serde_json::Value,
+    result: Value,
 }
 
-/// Attaches to pods the runtime's cache knows and we do not. Returns what was repaired.
-pub fn repair_from_cache(layout: &PinLayout, state: &StateLayout, cache_dir: &Path) -> Vec<String> {
+impl CachedResult {
+    fn arg(&self, key: &str) -> Option<String> {
+        self.cni_args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// What repair does with one cached attachment.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    Attach(AttachMode),
+    /// Not ours to filter (the reason is logged once).
+    Skip(String),
+}
+
+/// Our entry of the cached attachment's network: from the node's configuration as it
+/// is now (a pod may predate our entry there, which the installer added since), else
+/// from the configuration the runtime used (networks configured elsewhere, e.g. by a
+/// meta-plugin). `None`: the network does not chain egress-deny.
+fn network_entry(conf_dir: &Path, cached: &CachedResult) -> Option<Value> {
+    let current = config_files(conf_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|path| serde_json::from_slice::<Value>(&std::fs::read(path).ok()?).ok())
+        .find(|conf| conf["name"] == cached.network_name.as_str());
+    let conf = match current {
+        Some(conf) => conf,
+        None => serde_json::from_slice(&base64_decode(&cached.config)?).ok()?,
+    };
+    conf["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["type"] == PLUGIN_TYPE)
+        .cloned()
+}
+
+/// Applies the network's own entry the way the plugin would have on ADD.
+fn decide(
+    layout: &PinLayout,
+    state: &StateLayout,
+    conf_dir: &Path,
+    cached: &CachedResult,
+) -> Decision {
+    let network = &cached.network_name;
+    let Some(entry) = network_entry(conf_dir, cached) else {
+        return Decision::Skip(format!("network {network:?} does not chain {PLUGIN_TYPE}"));
+    };
+    let dir = |key: &str, default: &str| PathBuf::from(entry[key].as_str().unwrap_or(default));
+    if dir("pinDir", DEFAULT_PIN_DIR) != layout.root()
+        || dir("stateDir", DEFAULT_STATE_DIR) != state.root()
+    {
+        return Decision::Skip(format!(
+            "network {network:?} uses another egress-deny installation (pinDir/stateDir)"
+        ));
+    }
+    if let Some(namespace) = cached.arg("K8S_POD_NAMESPACE")
+        && entry["excludeNamespaces"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|n| *n == namespace.as_str()))
+    {
+        return Decision::Skip(format!(
+            "namespace {namespace:?} is excluded on network {network:?}"
+        ));
+    }
+    let mode = match entry["attachMode"].as_str() {
+        None | Some("auto") => AttachMode::best_available(),
+        Some(other) => match AttachMode::parse(other) {
+            Some(mode) => mode,
+            None => {
+                return Decision::Skip(format!(
+                    "network {network:?}: unknown attachMode {other:?}"
+                ));
+            }
+        },
+    };
+    Decision::Attach(mode)
+}
+
+/// Attaches to pods the runtime's cache knows and we do not, on networks that chain
+/// egress-deny. Returns what was repaired. A cached attachment that is skipped or
+/// cannot be repaired is logged when that first happens (or changes), not every pass.
+pub fn repair_from_cache(
+    layout: &PinLayout,
+    state: &StateLayout,
+    cache_dir: &Path,
+    conf_dir: &Path,
+) -> Vec<String> {
+    static NOTED: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    let noted = noted.get_or_insert_with(HashMap::new);
+    let mut seen = Vec::new();
     let mut repaired = Vec::new();
     let Ok(entries) = std::fs::read_dir(cache_dir.join("results")) else {
         return repaired;
     };
     for entry in entries.flatten() {
-        let Ok(bytes) = std::fs::read(entry.path()) else {
+        let path = entry.path();
+        let Ok(bytes) = std::fs::read(&path) else {
             continue;
         };
         let Ok(cached) = serde_json::from_slice::<CachedResult>(&bytes) else {
@@ -45,8 +147,10 @@ pub fn repair_from_cache(layout: &PinLayout, state: &StateLayout, cache_dir: &Pa
         if cached.kind != "cniCacheV1" {
             continue;
         }
-        let record_path = state.attachment_record(&cached.container_id, &cached.if_name);
-        if record_path.exists() {
+        seen.push(path.clone());
+        let id = AttachmentId::new(&cached.network_name, &cached.container_id, &cached.if_name);
+        if AttachmentRecord::find(state, &id).is_some() {
+            noted.remove(&path);
             continue;
         }
         // The pod side's sandbox (netns path) as the primary plugin reported it.
@@ -63,18 +167,66 @@ pub fn repair_from_cache(layout: &PinLayout, state: &StateLayout, cache_dir: &Pa
         if !Path::new(&netns).exists() {
             continue; // pod gone; the runtime's own DEL/GC will clear its cache
         }
-        match attach_pod(layout, state, &cached, &netns) {
+        let mode = match decide(layout, state, conf_dir, &cached) {
+            Decision::Attach(mode) => mode,
+            Decision::Skip(why) => {
+                if noted.get(&path) != Some(&why) {
+                    log::info!("not repairing {id}: {why}");
+                    noted.insert(path, why);
+                }
+                continue;
+            }
+        };
+        match attach_pod(layout, state, &cached, &netns, mode) {
             Ok(what) => {
                 log::warn!(
                     "repaired: {what} was running unfiltered (network {}); now filtered",
                     cached.network_name
                 );
+                noted.remove(&path);
                 repaired.push(what);
             }
-            Err(e) => log::warn!("cannot repair container {}: {e}", cached.container_id),
+            Err(e) => {
+                let why = format!("cannot repair {id}: {e}");
+                if noted.get(&path) != Some(&why) {
+                    log::warn!("{why}");
+                    noted.insert(path, why);
+                }
+            }
         }
     }
+    noted.retain(|path, _| seen.contains(path));
     repaired
+}
+
+/// Standard base64 with padding (Go's encoding of `[]byte` in JSON).
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        let produced = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&n.to_be_bytes()[1..1 + produced]);
+    }
+    Some(out)
 }
 
 fn attach_pod(
@@ -82,35 +234,18 @@ fn attach_pod(
     state: &StateLayout,
     cached: &CachedResult,
     netns: &str,
+    mode: AttachMode,
 ) -> egress_deny_datapath::Result<String> {
     let host = veth::host_side(Path::new(netns), &cached.if_name)?;
-    let link_pin = layout.pod_link(&cached.container_id, &cached.if_name);
-    let mode = AttachMode::best_available();
-    let attachment = attach::attach(
-        layout,
-        &AttachRequest {
-            ifname: &host.ifname,
-            hook: Hook::Ingress,
-            link_pin: &link_pin,
-            mode,
-        },
-    )?;
-    let arg = |key: &str| {
-        cached
-            .cni_args
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
     let pod = PodIdentity {
+        network: cached.network_name.clone(),
         container_id: cached.container_id.clone(),
         ifname: cached.if_name.clone(),
         netns: netns.to_owned(),
-        pod_namespace: arg("K8S_POD_NAMESPACE"),
-        pod_name: arg("K8S_POD_NAME"),
+        pod_namespace: cached.arg("K8S_POD_NAMESPACE"),
+        pod_name: cached.arg("K8S_POD_NAME"),
     };
-    let record = AttachmentRecord::new(pod, &host, &attachment, &link_pin);
-    record.write(state)?;
+    let record = lifecycle::attach_pod(layout, state, pod, &host, mode)?;
     Ok(match (&record.pod_namespace, &record.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name} ({})", host.ifname),
         _ => format!("container {} ({})", cached.container_id, host.ifname),
@@ -120,24 +255,121 @@ fn attach_pod(
 /// Removes records, pins and counters of attachments whose host veth is gone (the pod
 /// was deleted without a DEL reaching us). Returns how many.
 pub fn clean_up_vanished(layout: &PinLayout, state: &StateLayout) -> usize {
-    let mut counters = CounterMap::open(layout).ok();
-    let mut removed = 0;
-    for (path, record) in AttachmentRecord::list(state).unwrap_or_default() {
-        let alive = iface::ifindex(&record.host_ifname).is_ok_and(|i| i == record.host_ifindex);
-        if alive {
-            continue;
+    lifecycle::clean_up_vanished(layout, state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_as_go_encodes_bytes() {
+        for (text, plain) in [
+            ("", ""),
+            ("Zg==", "f"),
+            ("Zm8=", "fo"),
+            ("Zm9v", "foo"),
+            ("eyJuYW1lIjoiazhzIn0=", "{\"name\":\"k8s\"}"),
+        ] {
+            assert_eq!(
+                base64_decode(text).as_deref(),
+                Some(plain.as_bytes()),
+                "{text}"
+            );
         }
-        let link_pin = layout.pod_link(&record.container_id, &record.ifname);
-        let _ = attach::detach(None, Hook::Ingress, &link_pin, AttachMode::Tcx);
-        if let Some(c) = counters.as_mut() {
-            let _ = c.remove(record.host_ifindex);
-        }
-        let _ = std::fs::remove_file(&path);
-        log::info!(
-            "cleaned up the attachment of vanished container {}",
-            record.container_id
-        );
-        removed += 1;
+        assert_eq!(base64_decode("Z!=="), None);
     }
-    removed
+
+    fn cached(network: &str, namespace: &str, config: &Value) -> CachedResult {
+        use std::fmt::Write;
+        // Encode as Go does, to exercise the decoder on real input.
+        let plain = serde_json::to_vec(config).unwrap();
+        let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut encoded = String::new();
+        for chunk in plain.chunks(3) {
+            let mut n = 0u32;
+            for (i, b) in chunk.iter().enumerate() {
+                n |= u32::from(*b) << (16 - 8 * i);
+            }
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    let _ = write!(
+                        encoded,
+                        "{}",
+                        table[((n >> (18 - 6 * i)) & 63) as usize] as char
+                    );
+                } else {
+                    encoded.push('=');
+                }
+            }
+        }
+        CachedResult {
+            kind: "cniCacheV1".into(),
+            container_id: "c1".into(),
+            if_name: "eth0".into(),
+            network_name: network.into(),
+            config: encoded,
+            cni_args: vec![("K8S_POD_NAMESPACE".into(), namespace.into())],
+            result: Value::Null,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_the_networks_own_entry() {
+        let conf_dir =
+            std::env::temp_dir().join(format!("egress-deny-repair-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&conf_dir);
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let layout = PinLayout::new("/sys/fs/bpf/x");
+        let state = StateLayout::new("/run/x");
+        let ours = serde_json::json!({ "type": "egress-deny", "pinDir": "/sys/fs/bpf/x",
+            "stateDir": "/run/x", "excludeNamespaces": ["kube-system"], "attachMode": "netlink" });
+        let chained = serde_json::json!({ "name": "k8s", "plugins": [{ "type": "bridge" }, ours] });
+        let primary_only = serde_json::json!({ "name": "k8s", "plugins": [{ "type": "bridge" }] });
+        let secondary = serde_json::json!({ "name": "side", "plugins": [{ "type": "ptp" }] });
+        std::fs::write(conf_dir.join("20-side.conflist"), secondary.to_string()).unwrap();
+
+        // Only the cache knows network k8s: its cached config decides.
+        let decide_for = |network, ns, config: &Value| {
+            decide(&layout, &state, &conf_dir, &cached(network, ns, config))
+        };
+        assert_eq!(
+            decide_for("k8s", "default", &chained),
+            Decision::Attach(AttachMode::Netlink)
+        );
+        assert!(matches!(
+            decide_for("k8s", "kube-system", &chained),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide_for("k8s", "default", &primary_only),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide_for("side", "default", &secondary),
+            Decision::Skip(_)
+        ));
+        // The node's configuration now chains us (the pod predates that): it decides.
+        std::fs::write(conf_dir.join("10-k8s.conflist"), chained.to_string()).unwrap();
+        assert_eq!(
+            decide_for("k8s", "default", &primary_only),
+            Decision::Attach(AttachMode::Netlink)
+        );
+        assert!(matches!(
+            decide_for("k8s", "kube-system", &primary_only),
+            Decision::Skip(_)
+        ));
+        // Another installation's pin dir.
+        let elsewhere = PinLayout::new("/sys/fs/bpf/y");
+        assert!(matches!(
+            decide(
+                &elsewhere,
+                &state,
+                &conf_dir,
+                &cached("k8s", "default", &chained)
+            ),
+            Decision::Skip(_)
+        ));
+        std::fs::remove_dir_all(&conf_dir).unwrap();
+    }
 }

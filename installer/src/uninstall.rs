@@ -2,10 +2,8 @@
 //! twice (or after a partial run) is fine.
 use anyhow::Result;
 use egress_deny_datapath::{
-    attach::{self, AttachMode, Hook},
-    loader,
+    lifecycle, loader,
     paths::{PinLayout, StateLayout},
-    records::AttachmentRecord,
 };
 
 use crate::{cli::UninstallArgs, conflist};
@@ -17,13 +15,9 @@ pub fn run(args: &UninstallArgs) -> Result<()> {
     }
     let layout = PinLayout::new(&args.state.pin_dir);
     let state = StateLayout::new(&args.state.state_dir);
-    for (path, record) in AttachmentRecord::list(&state).unwrap_or_default() {
-        let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
-        let link_pin = layout.pod_link(&record.container_id, &record.ifname);
-        if let Err(e) = attach::detach(Some(&record.host_ifname), Hook::Ingress, &link_pin, mode) {
-            log::warn!("detaching {}: {e}", record.host_ifname);
-        }
-        let _ = std::fs::remove_file(path);
+    // Every pod attachment, legacy-named ones included, by its recorded mode.
+    for (path, e) in lifecycle::tear_down_all(&layout, &state) {
+        log::warn!("removing the attachment of {}: {e}", path.display());
     }
     // Remaining pins (host links, programs, maps) go with the pin dir: a TCX link is
     // detached once its pin is gone.

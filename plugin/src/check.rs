@@ -1,7 +1,7 @@
 //! CHECK: the pod's host veth must carry the currently pinned program, attached the way
 //! its record says. Fails when the attachment is missing or runs another program.
 use egress_deny_datapath::{
-    attach::{self, AttachMode, Hook, NETLINK_PRIORITY},
+    attach::{self, AttachMode, Hook, NETLINK_HANDLE, NETLINK_PRIORITY},
     iface, netlink,
     records::AttachmentRecord,
 };
@@ -25,12 +25,9 @@ pub fn run(inv: &Invocation) -> Output {
     }
     let netns = inv.netns.as_deref().expect("checked in skel");
     let veth = pod::host_veth(netns, &inv.ifname, Some(&prev))?;
-    let record_path = conf
-        .state_layout()
-        .attachment_record(&inv.container_id, &inv.ifname);
-    let record = AttachmentRecord::read(&record_path).map_err(|e| {
-        PluginError::CheckFailed(format!("no attachment recorded for this pod: {e}"))
-    })?;
+    let id = conf.attachment_id(&inv.container_id, &inv.ifname);
+    let (_, record) = AttachmentRecord::find(&conf.state_layout(), &id)
+        .ok_or_else(|| PluginError::CheckFailed(format!("no attachment recorded for {id}")))?;
     if record.host_ifindex != veth.ifindex {
         return Err(PluginError::CheckFailed(format!(
             "recorded host veth ifindex {} but the pod's peer is {} ({})",
@@ -44,7 +41,7 @@ pub fn run(inv: &Invocation) -> Output {
 
     match AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx) {
         AttachMode::Tcx => {
-            let link_pin = layout.pod_link(&inv.container_id, &inv.ifname);
+            let link_pin = record.link_pin_path(&layout);
             let state = attach::pinned_link_state(&link_pin)
                 .map_err(|e| PluginError::datapath("reading the link", e))?
                 .ok_or_else(|| {
@@ -69,9 +66,13 @@ pub fn run(inv: &Invocation) -> Output {
             }
         }
         AttachMode::Netlink => {
-            let filters = netlink::bpf_filter_program_ids(veth.ifindex, Hook::Ingress)
+            let filters = netlink::bpf_filters(veth.ifindex, Hook::Ingress)
                 .map_err(|e| PluginError::datapath("listing tc filters", e))?;
-            let ours = filters.iter().find(|(prio, _)| *prio == NETLINK_PRIORITY);
+            // Ours by (priority, handle): another prio-1 filter may be listed first.
+            let ours = filters
+                .iter()
+                .find(|f| f.priority == NETLINK_PRIORITY && f.handle == NETLINK_HANDLE)
+                .map(|f| f.program_id);
             match ours {
                 None => {
                     return Err(PluginError::CheckFailed(format!(
@@ -79,7 +80,7 @@ pub fn run(inv: &Invocation) -> Output {
                         veth.ifname
                     )));
                 }
-                Some((_, id)) if *id != expected => {
+                Some(id) if id != expected => {
                     return Err(PluginError::CheckFailed(format!(
                         "{} runs program {id} instead of the pinned program {expected}",
                         veth.ifname

@@ -9,6 +9,10 @@ use serde::Deserialize;
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
     pub cni_version: String,
+    /// The network (conflist `name`): attachments are recorded, pinned and collected
+    /// per network, as runtimes track them.
+    #[serde(default)]
+    pub name: String,
     #[serde(default)]
     pub failure_policy: FailurePolicy,
     #[serde(default)]
@@ -67,6 +71,11 @@ impl NetConf {
 
     pub fn state_layout(&self) -> paths::StateLayout {
         paths::StateLayout::new(&self.state_dir)
+    }
+
+    /// This network's identity of the attachment (container ID, ifname).
+    pub fn attachment_id(&self, container_id: &str, ifname: &str) -> paths::AttachmentId {
+        paths::AttachmentId::new(&self.name, container_id, ifname)
     }
 
     pub fn is_excluded(&self, namespace: Option<&str>) -> bool {

@@ -2,9 +2,8 @@
 use std::path::Path;
 
 use egress_deny_datapath::{
-    events, iface,
+    events,
     paths::{ALL_MAPS, PinLayout, ProgramKind},
-    records::AttachmentRecord,
     veth,
 };
 use serde_json::Value;
@@ -70,24 +69,5 @@ pub fn installed(layout: &PinLayout) -> Result<(), String> {
         Ok(true) => Ok(()),
         Ok(false) => Err("the installer has not loaded a valid rule set yet".into()),
         Err(e) => Err(format!("reading the datapath config: {e}")),
-    }
-}
-
-/// The recorded host veth's name, if that name still belongs to the recorded interface.
-/// Names get reused (Calico names a pod's veth after the pod, so a restarted pod gets
-/// the same one); ifindexes are not reused soon. Detaching by a reused name would strip
-/// the filter of the pod that now owns it.
-pub fn recorded_host_ifname(record: &AttachmentRecord) -> Option<&str> {
-    match iface::ifindex(&record.host_ifname) {
-        Ok(index) if index == record.host_ifindex => Some(&record.host_ifname),
-        Ok(_) => {
-            log::info!(
-                "{}: {} now belongs to another pod; its own interface is gone",
-                record.container_id,
-                record.host_ifname
-            );
-            None
-        }
-        Err(_) => None,
     }
 }

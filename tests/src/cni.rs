@@ -202,6 +202,19 @@ impl CniNode {
         netns: &Path,
         args: &str,
     ) -> Result<Result<String, CniFailure>> {
+        self.runtime_on(command, conflist, container_id, netns, "eth0", args)
+    }
+
+    /// [`Self::runtime`] for a pod interface other than `eth0`.
+    pub fn runtime_on(
+        &self,
+        command: &str,
+        conflist: &Path,
+        container_id: &str,
+        netns: &Path,
+        ifname: &str,
+        args: &str,
+    ) -> Result<Result<String, CniFailure>> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.node.path().display()))
             .arg(driver())
@@ -209,7 +222,7 @@ impl CniNode {
             .arg(conflist)
             .arg(container_id)
             .arg(netns)
-            .arg("eth0")
+            .arg(ifname)
             // Runtimes add IgnoreUnknown so that plugins without K8S_* args accept them.
             .arg(if args.is_empty() {
                 String::new()
@@ -241,6 +254,15 @@ impl CniNode {
             })),
             None => bail!("CNI driver failed without an error result: {stderr}"),
         }
+    }
+
+    /// A new pod namespace (not yet added) with the given container ID.
+    pub fn pod_with_id(&self, container_id: &str) -> Result<Pod<'_>> {
+        Ok(Pod {
+            node: self,
+            ns: Some(Netns::new("edp")?),
+            container_id: container_id.to_owned(),
+        })
     }
 
     /// A new pod namespace (not yet added).
@@ -311,6 +333,77 @@ impl Pod<'_> {
             .map(|_| ()))
     }
 
+    /// ADD with pod interface `ifname`.
+    pub fn add_on(
+        &self,
+        conflist: &Path,
+        ifname: &str,
+        args: &str,
+    ) -> Result<Result<Value, CniFailure>> {
+        Ok(self
+            .node
+            .runtime_on(
+                "add",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                ifname,
+                args,
+            )?
+            .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
+    }
+
+    /// CHECK with pod interface `ifname`.
+    pub fn check_on(
+        &self,
+        conflist: &Path,
+        ifname: &str,
+        args: &str,
+    ) -> Result<Result<(), CniFailure>> {
+        Ok(self
+            .node
+            .runtime_on(
+                "check",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                ifname,
+                args,
+            )?
+            .map(|_| ()))
+    }
+
+    /// DEL with pod interface `ifname`.
+    pub fn del_on(
+        &self,
+        conflist: &Path,
+        ifname: &str,
+        args: &str,
+    ) -> Result<Result<(), CniFailure>> {
+        Ok(self
+            .node
+            .runtime_on(
+                "del",
+                conflist,
+                &self.container_id,
+                &self.netns_path(),
+                ifname,
+                args,
+            )?
+            .map(|_| ()))
+    }
+
+    /// The attachment record of this pod's `ifname` (whichever network, any naming).
+    pub fn record_of(
+        &self,
+        ifname: &str,
+    ) -> Result<egress_deny_datapath::records::AttachmentRecord> {
+        let state = egress_deny_datapath::paths::StateLayout::new(self.node.state_dir());
+        Ok(egress_deny_datapath::records::AttachmentRecord::read(
+            &state.attachment_record(&self.container_id, ifname),
+        )?)
+    }
+
     /// Host-side veth name from the attachment record the plugin wrote.
     pub fn record(&self) -> Result<egress_deny_datapath::records::AttachmentRecord> {
         let state = egress_deny_datapath::paths::StateLayout::new(self.node.state_dir());
@@ -319,6 +412,15 @@ impl Pod<'_> {
             &path,
         )?)
     }
+}
+
+/// The network name (`name`) of a conflist file.
+pub fn network_name(conflist: &Path) -> Result<String> {
+    let list: Value = serde_json::from_slice(&std::fs::read(conflist)?)?;
+    list["name"]
+        .as_str()
+        .map(str::to_owned)
+        .context("conflist without a name")
 }
 
 /// What a direct exec of the plugin produced.

@@ -9,9 +9,12 @@ use egress_deny_datapath::{
     rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
-    cni::{ALLOWED, CniNode, DENIED, Primary, entry_1_1, exec_plugin, hand_made_pod},
+    cni::{
+        ALLOWED, CniNode, DENIED, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs,
+        network_name,
+    },
     probe::{ping, udp_through},
-    require_root, wait_until,
+    random_suffix, require_root, wait_until,
 };
 use serde_json::json;
 
@@ -315,6 +318,7 @@ fn direct_exec_gc_removes_only_attachments_the_runtime_no_longer_lists() -> Resu
     let stale_link = node.pins.layout.pod_link(&stale.container_id, "eth0");
     let keep_link = node.pins.layout.pod_link(&keep.container_id, "eth0");
     let mut conf = entry_1_1(&node, json!({}));
+    conf["name"] = json!(network_name(&conflist)?);
     conf["cni.dev/valid-attachments"] =
         json!([{ "containerID": keep.container_id, "ifname": "eth0" }]);
     let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "GC")], &conf.to_string())?;
@@ -440,6 +444,166 @@ fn direct_exec_status_version_and_malformed_input() -> Result<()> {
     loader::unpin_all(&node.pins.layout)?;
     let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "STATUS")], &conf.to_string())?;
     assert!(!ok);
+    assert_eq!(out["code"], json!(50), "{out}");
+    Ok(())
+}
+
+/// Issue 10 item 3: `cni.dev/valid-attachments` lists one network's attachments; a GC
+/// of network B must leave network A's pods (records, links, pins without a record)
+/// attached and enforcing.
+#[test]
+fn gc_of_one_network_leaves_another_networks_attachments_enforcing() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    deny(&node, &format!("{DENIED}/32"))?;
+    let net_a = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
+    let net_b = node.conflist("1.0.0", Primary::Ptp, json!({}))?;
+    let (name_a, name_b) = (network_name(&net_a)?, network_name(&net_b)?);
+    let a = node.pod()?;
+    let b = node.pod()?;
+    a.add(&net_a, "")?.map_err(anyhow::Error::msg)?;
+    b.add(&net_b, "")?.map_err(anyhow::Error::msg)?;
+    let a_host = a.record_of("eth0")?.host_ifname;
+    let a_link = node.pins.layout.pod_link(&a.container_id, "eth0");
+    let b_link = node.pins.layout.pod_link(&b.container_id, "eth0");
+    ensure!(a_link.exists() && b_link.exists(), "link pins after ADD");
+
+    // A pod of network A whose ADD died between attaching and recording: a pin alone.
+    let (orphan_ns, orphan_host) = hand_made_pod(&node)?;
+    let mut add = entry_1_1(&node, json!({}));
+    add["name"] = json!(name_a);
+    add["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": orphan_host }] });
+    let orphan_netns = orphan_ns.path().display().to_string();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "orphan-1"),
+        ("CNI_NETNS", orphan_netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (ok, out) = exec_plugin(&node, &env, &add.to_string())?;
+    ensure!(ok, "ADD of the orphan: {out}");
+    std::fs::remove_file(
+        egress_deny_datapath::paths::StateLayout::new(node.state_dir())
+            .attachment_record("orphan-1", "eth0"),
+    )?;
+    let orphan_link = node.pins.layout.pod_link("orphan-1", "eth0");
+
+    let gc = |network: &str, valid: serde_json::Value| -> Result<()> {
+        let mut conf = entry_1_1(&node, json!({}));
+        conf["name"] = json!(network);
+        conf["cni.dev/valid-attachments"] = valid;
+        let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "GC")], &conf.to_string())?;
+        ensure!(ok, "GC of {network}: {out}");
+        Ok(())
+    };
+    // Network B's runtime knows only b; then nothing at all.
+    gc(
+        &name_b,
+        json!([{ "containerID": b.container_id, "ifname": "eth0" }]),
+    )?;
+    ensure!(
+        b_link.exists(),
+        "GC removed a valid attachment of its own network"
+    );
+    gc(&name_b, json!([]))?;
+    ensure!(
+        !b_link.exists() && b.record_of("eth0").is_err(),
+        "GC left a stale attachment of its own network"
+    );
+
+    ensure!(
+        a.record_of("eth0").is_ok(),
+        "GC of network B removed network A's record"
+    );
+    ensure!(a_link.exists(), "GC of network B removed network A's link");
+    ensure!(
+        orphan_link.exists(),
+        "GC of network B swept network A's pin without a record"
+    );
+    let (tcx, _) = ingress_programs(&node, &a_host)?;
+    ensure!(!tcx.is_empty(), "network A's pod lost its filter");
+    assert_eq!(
+        udp_through(a.ns(), &node.server, DENIED, ALLOWED, 10)?,
+        0,
+        "network A's pod leaks after a GC of network B"
+    );
+
+    // Network A's own GC does remove its stale attachment and pin.
+    gc(&name_a, json!([]))?;
+    ensure!(
+        !a_link.exists() && a.record_of("eth0").is_err() && !orphan_link.exists(),
+        "GC of network A left its stale attachments"
+    );
+    Ok(())
+}
+
+/// Issue 10 item 12: container `<c>_x` + interface `y` and container `<c>` + interface
+/// `x_y` had the same pin and record name; attaching or deleting one detached the other.
+#[test]
+fn pods_whose_old_names_collide_stay_attached_independently() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    deny(&node, &format!("{DENIED}/32"))?;
+    let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
+    let base = format!("ctr-{}", random_suffix());
+    let first = node.pod_with_id(&format!("{base}_x"))?;
+    let second = node.pod_with_id(&base)?;
+    first
+        .add_on(&conflist, "y", "")?
+        .map_err(anyhow::Error::msg)?;
+    second
+        .add_on(&conflist, "x_y", "")?
+        .map_err(anyhow::Error::msg)?;
+    for (pod, ifname) in [(&first, "y"), (&second, "x_y")] {
+        assert_eq!(
+            udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
+            0,
+            "{} {ifname} not enforcing after both ADDs",
+            pod.container_id
+        );
+        pod.check_on(&conflist, ifname, "")?
+            .map_err(anyhow::Error::msg)?;
+    }
+    first
+        .del_on(&conflist, "y", "")?
+        .map_err(anyhow::Error::msg)?;
+    ensure!(first.record_of("y").is_err(), "record left");
+    ensure!(
+        second.record_of("x_y").is_ok(),
+        "DEL of one pod removed the other's record"
+    );
+    second
+        .check_on(&conflist, "x_y", "")?
+        .map_err(|e| anyhow::anyhow!("the other pod after DEL: {e}"))?;
+    assert_eq!(
+        udp_through(second.ns(), &node.server, DENIED, ALLOWED, 5)?,
+        0,
+        "DEL of one pod detached the other"
+    );
+    second
+        .del_on(&conflist, "x_y", "")?
+        .map_err(anyhow::Error::msg)?;
+    ensure!(
+        std::fs::read_dir(node.pins.layout.links_dir())?.count() == 0,
+        "link pins left after both DELs"
+    );
+    Ok(())
+}
+
+/// Issue 10 item 11: with `failurePolicy: ignore` ADD lets pods start without the
+/// installer, so STATUS must not report the plugin unavailable.
+#[test]
+fn status_follows_the_failure_policy_when_the_installer_is_missing() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    loader::unpin_all(&node.pins.layout)?;
+    let ignore = entry_1_1(&node, json!({ "failurePolicy": "ignore" }));
+    let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "STATUS")], &ignore.to_string())?;
+    ensure!(ok, "STATUS with failurePolicy ignore: {out}");
+    ensure!(out.is_null(), "STATUS prints nothing on success: {out}");
+    let fail = entry_1_1(&node, json!({ "failurePolicy": "fail" }));
+    let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "STATUS")], &fail.to_string())?;
+    ensure!(!ok, "STATUS with failurePolicy fail must fail: {out}");
     assert_eq!(out["code"], json!(50), "{out}");
     Ok(())
 }

@@ -4,14 +4,17 @@
 use anyhow::{Context, Result, ensure};
 use aya::programs::SchedClassifier;
 use egress_deny_datapath::{
+    attach::{self, Hook, NETLINK_HANDLE, NETLINK_PRIORITY},
+    iface, netlink,
+    netns::NetnsGuard,
     paths::{ProgramKind, StateLayout},
     records::AttachmentRecord,
 };
 use egress_deny_tests::{
     Netns, PinDir,
     cni::{
-        CniNode, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs, run_plugin,
-        run_plugin_under,
+        CniNode, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs, network_name,
+        run_plugin, run_plugin_under,
     },
     require_root, wait_until,
 };
@@ -76,7 +79,8 @@ fn check_fails_when_the_pod_runs_another_program_and_a_repeated_add_moves_it() -
         // A repeated ADD (runtime retry, repair) moves the attachment in place.
         let mut conf = node.egress_deny_entry(json!({ "attachMode": mode }));
         conf["cniVersion"] = json!("1.0.0");
-        conf["name"] = json!("again");
+        // The same network: a retry of this pod's ADD, not another network's.
+        conf["name"] = json!(network_name(&conflist)?);
         conf["prevResult"] = result.clone();
         let netns = pod.ns().path().display().to_string();
         let (ok, out) = exec_plugin(
@@ -202,11 +206,9 @@ fn a_failure_after_attaching_leaves_nothing_attached() -> Result<()> {
         let netns = pod.path().display().to_string();
         let (ok, out) = exec_plugin(&node, &add_env("half-1", &netns), &conf.to_string())?;
         assert!(!ok, "{mode}: ADD must fail: {out}");
+        // msg says what was being done (attaching), details what failed.
         assert!(
-            out["msg"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("recording the attachment"),
+            format!("{} {}", out["msg"], out["details"]).contains("recording the attachment"),
             "{mode}: {out}"
         );
         assert_eq!(link_pins(&node), 0, "{mode}: link pin left");
@@ -477,5 +479,150 @@ fn a_prev_result_naming_another_host_interface_is_logged_and_the_kernel_decides(
         ingress_programs(&node, &host)?.0,
         vec![pinned_program_id(&node)?]
     );
+    Ok(())
+}
+
+/// Rewrites a pod's attachment the way versions before network-scoped names left it:
+/// the record without a network under the legacy name, the link pin renamed likewise.
+fn make_legacy(node: &CniNode, container_id: &str) -> Result<()> {
+    let state = StateLayout::new(node.state_dir());
+    let current = state.attachment_record(container_id, "eth0");
+    let mut record = AttachmentRecord::read(&current)?;
+    let new_pin = record.link_pin_path(&node.pins.layout);
+    record.network = None;
+    let legacy_pin = node.pins.layout.legacy_pod_link(container_id, "eth0");
+    if new_pin.exists() {
+        std::fs::rename(&new_pin, &legacy_pin)?;
+        record.link_pin = legacy_pin.display().to_string();
+    }
+    let written = record.write(&state)?;
+    ensure!(written == state.legacy_record(container_id, "eth0"));
+    std::fs::remove_file(current)?;
+    Ok(())
+}
+
+/// An upgrade leaves attachments named the old way (no network): CHECK and DEL still
+/// find them, GC removes them once their pod is gone (whose network they were on cannot
+/// be told, so not before), uninstall-style clean-up of vanished pods too.
+#[test]
+fn legacy_named_attachments_are_still_checked_and_removed() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    for mode in ["tcx", "netlink"] {
+        let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": mode }))?;
+        let pod = node.pod()?;
+        pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+        let host = pod.record()?.host_ifname;
+        make_legacy(&node, &pod.container_id)?;
+        pod.check(&conflist, "")?
+            .map_err(|e| anyhow::anyhow!("{mode}: CHECK of a legacy attachment: {e}"))?;
+        pod.del(&conflist, "")?.map_err(anyhow::Error::msg)?;
+        ensure!(
+            record(&node, &pod.container_id).is_err(),
+            "{mode}: legacy record left"
+        );
+        assert_eq!(link_pins(&node), 0, "{mode}: legacy pin left");
+        // The bridge plugin's DEL removes the veth; if it is still there, bare.
+        ensure!(
+            ingress_programs(&node, &host).map_or(true, |p| p == (vec![], vec![])),
+            "{mode}: legacy attachment left on {host}"
+        );
+
+        // GC: a live legacy attachment may be another network's: kept; once its pod is
+        // gone, removed.
+        let mut gone = node.pod()?;
+        gone.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+        make_legacy(&node, &gone.container_id)?;
+        let mut gc = entry_1_1(&node, json!({}));
+        gc["name"] = json!(network_name(&conflist)?);
+        gc["cni.dev/valid-attachments"] = json!([]);
+        let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "GC")], &gc.to_string())?;
+        ensure!(ok, "{out}");
+        ensure!(
+            record(&node, &gone.container_id).is_ok(),
+            "{mode}: live legacy record removed"
+        );
+        gone.ns = None;
+        let host_gone = |n: &CniNode| -> bool {
+            record(n, &gone.container_id).is_ok_and(|r| {
+                node.node
+                    .ip(&format!("link show {}", r.host_ifname))
+                    .is_err()
+            })
+        };
+        wait_until(
+            "the legacy pod's veth to go",
+            Duration::from_secs(10),
+            || host_gone(&node),
+        )?;
+        let (ok, out) = exec_plugin(&node, &[("CNI_COMMAND", "GC")], &gc.to_string())?;
+        ensure!(ok, "{out}");
+        ensure!(
+            record(&node, &gone.container_id).is_err(),
+            "{mode}: legacy record of a vanished pod kept"
+        );
+        assert_eq!(
+            link_pins(&node),
+            0,
+            "{mode}: legacy pin of a vanished pod kept"
+        );
+    }
+    Ok(())
+}
+
+/// Issue 10 item 13: filters of one priority share a classifier whose newest filter is
+/// listed (and runs) first. CHECK in cls_bpf mode must find ours by its handle, not take
+/// the first prio-1 bpf filter for ours.
+#[test]
+fn cls_bpf_check_finds_its_filter_by_handle_behind_a_foreign_prio_1_filter() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": "netlink" }))?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    pod.check(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let host = pod.record()?.host_ifname;
+    let ours = pinned_program_id(&node)?;
+
+    // Another component's prio-1 filter (another program, another handle), added later.
+    let foreign = PinDir::new()?;
+    const FOREIGN_HANDLE: u32 = 0x77;
+    let filters = {
+        let _in_node = NetnsGuard::enter(&node.node.path())?;
+        let ifindex = iface::ifindex(&host)?;
+        let (program, _) = attach::pinned_program_fd(&foreign.layout, ProgramKind::Ethernet)?;
+        netlink::replace_bpf_filter(
+            ifindex,
+            Hook::Ingress,
+            NETLINK_PRIORITY,
+            FOREIGN_HANDLE,
+            std::os::fd::AsFd::as_fd(&program),
+            "foreign",
+        )?;
+        netlink::bpf_filters(ifindex, Hook::Ingress)?
+    };
+    ensure!(
+        filters.len() == 2
+            && filters[0].handle == FOREIGN_HANDLE
+            && filters[0].program_id != ours
+            && filters[1].handle == NETLINK_HANDLE
+            && filters[1].program_id == ours,
+        "the foreign filter is not listed first: {filters:?}"
+    );
+    pod.check(&conflist, "")?
+        .map_err(|e| anyhow::anyhow!("CHECK with a foreign prio-1 filter listed first: {e}"))?;
+
+    // Ours gone, the foreign one still there: CHECK fails.
+    node.node.exec(
+        "tc",
+        &[
+            "filter", "del", "dev", &host, "ingress", "pref", "1", "handle", "0xed01", "bpf",
+        ],
+    )?;
+    let failure = pod
+        .check(&conflist, "")?
+        .expect_err("CHECK must fail without our filter");
+    ensure!(failure.msg.contains("no egress-deny filter"), "{failure}");
+    pod.del(&conflist, "")?.map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -1,0 +1,124 @@
+//! The installer's repair of pods that started without the plugin: it applies each
+//! cached attachment's own network configuration (issue 10, item 4).
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use egress_deny_tests::{
+    cni::{ALLOWED, CniNode, DENIED, Primary},
+    installer::{Installer, InstallerDirs},
+    probe::udp_through,
+    require_root, wait_until,
+};
+use serde_json::json;
+
+/// Pods started before the installer, on the network it then chains into (one in an
+/// excluded namespace) and on a secondary network that does not chain egress-deny:
+/// only the first is attached; the others are neither attached nor warned about on
+/// every pass.
+#[test]
+fn repair_applies_the_networks_own_chain_and_excluded_namespaces() -> Result<()> {
+    require_root();
+    let node = CniNode::new()?;
+    let dirs = InstallerDirs::new()?;
+    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s",
+        "plugins": [node.primary_conf(Primary::Bridge)] });
+    let secondary = json!({ "cniVersion": "1.0.0", "name": "side",
+        "plugins": [node.primary_conf(Primary::Ptp)] });
+    let k8s = dirs.conf_dir().join("10-k8s.conflist");
+    let side = dirs.conf_dir().join("20-side.conflist");
+    std::fs::write(&k8s, serde_json::to_vec(&primary)?)?;
+    std::fs::write(&side, serde_json::to_vec(&secondary)?)?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+
+    let app = node.pod()?;
+    let system = node.pod()?;
+    let other = node.pod()?;
+    app.add(&k8s, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=app-1")?
+        .map_err(anyhow::Error::msg)?;
+    system
+        .add(&k8s, "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns-1")?
+        .map_err(anyhow::Error::msg)?;
+    other
+        .add(&side, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=side-1")?
+        .map_err(anyhow::Error::msg)?;
+
+    let cache = node.dir.path().join("cache");
+    let installer = Installer::start(
+        &dirs,
+        Some(&node.node),
+        &[
+            "--host-interfaces=none",
+            "--exclude-namespaces=kube-system",
+            &format!("--cni-cache-dir={}", cache.display()),
+        ],
+    )?;
+    installer.wait_ready()?;
+    wait_until(
+        "the app pod to be filtered",
+        Duration::from_secs(10),
+        || udp_through(app.ns(), &node.server, DENIED, ALLOWED, 1).is_ok_and(|n| n == 0),
+    )?;
+    wait_until("the repair to be logged", Duration::from_secs(10), || {
+        installer.log_text().contains("repaired: pod default/app-1")
+    })?;
+    ensure!(
+        egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+            .attachment_record(&app.container_id, "eth0")
+            .exists(),
+        "the repaired pod has no record"
+    );
+
+    // Later passes, each made visible by repairing one more pod (started through a copy
+    // of the network's configuration from before our entry, as the first ones were).
+    let unchained_copy = node.dir.path().join("k8s-before-install.conflist");
+    std::fs::write(&unchained_copy, serde_json::to_vec(&primary)?)?;
+    let mut late = Vec::new();
+    let mut another_pass = |i: usize| -> Result<()> {
+        let pod = node.pod()?;
+        pod.add(
+            &unchained_copy,
+            &format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=late-{i}"),
+        )?
+        .map_err(anyhow::Error::msg)?;
+        wait_until(
+            &format!("late-{i} to be repaired"),
+            Duration::from_secs(10),
+            || {
+                installer
+                    .log_text()
+                    .contains(&format!("repaired: pod default/late-{i}"))
+            },
+        )?;
+        late.push(pod);
+        Ok(())
+    };
+    another_pass(1)?;
+    for (pod, what) in [
+        (&system, "excluded namespace"),
+        (&other, "secondary network"),
+    ] {
+        let record = egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+            .attachment_record(&pod.container_id, "eth0");
+        ensure!(!record.exists(), "{what}: repair recorded an attachment");
+        assert_eq!(
+            udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?,
+            3,
+            "{what}: repair attached the filter"
+        );
+    }
+    let log = installer.log_text();
+    ensure!(
+        log.contains("namespace \"kube-system\" is excluded")
+            && log.contains("network \"side\" does not chain egress-deny"),
+        "the skips are not logged:\n{log}"
+    );
+    let noted = log.matches("not repairing").count();
+    another_pass(2)?;
+    assert_eq!(
+        installer.log_text().matches("not repairing").count(),
+        noted,
+        "skips are logged again on every pass:\n{}",
+        installer.log_text()
+    );
+    Ok(())
+}
