@@ -108,6 +108,9 @@ pub struct AttachRequest<'a> {
     /// Pin path of the TCX link (ignored in netlink mode).
     pub link_pin: &'a Path,
     pub mode: AttachMode,
+    /// A pod of an excluded namespace: the exempt program (mark, no lookup) rather than
+    /// the one the interface's link type needs.
+    pub exempt: bool,
 }
 
 /// What was attached, for records and later checks.
@@ -151,7 +154,11 @@ pub fn pinned_program_fd(layout: &PinLayout, kind: ProgramKind) -> Result<(Owned
 /// On failure nothing new stays attached.
 pub fn attach(layout: &PinLayout, req: &AttachRequest<'_>) -> Result<Attachment> {
     let ifindex = iface::ifindex(req.ifname)?;
-    let kind = iface::program_kind(req.ifname)?;
+    let kind = if req.exempt {
+        ProgramKind::Exempt
+    } else {
+        iface::program_kind(req.ifname)?
+    };
     let (program, program_id) = pinned_program_fd(layout, kind)?;
     let attached = Attachment {
         ifindex,

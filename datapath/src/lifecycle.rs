@@ -28,6 +28,7 @@ pub fn attach_pod(
     pod: PodIdentity,
     host: &HostVeth,
     mode: AttachMode,
+    exempt: bool,
 ) -> Result<AttachmentRecord> {
     let id = AttachmentId::new(&pod.network, &pod.container_id, &pod.ifname);
     id.check_length().map_err(Error::Invalid)?;
@@ -39,6 +40,7 @@ pub fn attach_pod(
             hook: Hook::Ingress,
             link_pin: &link_pin,
             mode,
+            exempt,
         },
     )?;
     let record = AttachmentRecord::new(pod, host, &attachment, &link_pin);

@@ -7,9 +7,23 @@ use crate::{
     attach::{pinned_link_state, pinned_program_fd},
     error::{Error, Result},
     iface, loader,
-    paths::PinLayout,
+    paths::{PROGRAM_EXEMPT, PinLayout, ProgramKind},
     sys,
 };
+
+/// Which of our programs a link runs (any version): by the name it was loaded with, so
+/// that an exempt pod's link stays exempt when it is moved to a newer program.
+pub fn running_kind(prog_id: u32, ifname: &str) -> Result<ProgramKind> {
+    let name = sys::prog_name_by_id(prog_id)
+        .map_err(|e| Error::io(format!("reading program {prog_id}"), e))?;
+    // bpf_prog_info keeps 15 bytes of the name.
+    let exempt = &PROGRAM_EXEMPT[..PROGRAM_EXEMPT.len().min(15)];
+    if name == exempt {
+        Ok(ProgramKind::Exempt)
+    } else {
+        iface::program_kind(ifname)
+    }
+}
 
 /// What [`ensure_first_and_current`] found (and did).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +52,7 @@ pub fn ensure_first_and_current(layout: &PinLayout, pin: &Path) -> Result<Verifi
     let Ok(ifname) = iface::ifname(link.ifindex) else {
         return Ok(Verified::Gone);
     };
-    let kind = iface::program_kind(&ifname)?;
+    let kind = running_kind(link.prog_id, &ifname)?;
     let (program, program_id) = pinned_program_fd(layout, kind)?;
     let mut outcome = Verified::InPlace;
     if link.prog_id != program_id {

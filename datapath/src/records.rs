@@ -38,6 +38,9 @@ pub struct AttachmentRecord {
     #[serde(default)]
     pub link_pin: String,
     pub program_id: u32,
+    /// A pod of an excluded namespace: runs the exempt program (marks, never judges).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exempt: bool,
     /// Seconds since the Unix epoch.
     pub attached_at: u64,
 }
@@ -79,6 +82,7 @@ impl AttachmentRecord {
                 String::new()
             },
             program_id: attachment.program_id,
+            exempt: attachment.kind == crate::paths::ProgramKind::Exempt,
             attached_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

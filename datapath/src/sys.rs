@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
@@ -13,6 +13,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// TCX ordering: before `relative_fd`, which 0 makes "before everything".
@@ -144,4 +145,17 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<TcxChain> {
         prog_ids: prog_ids[..count].to_vec(),
         link_ids: link_ids[..count].to_vec(),
     })
+}
+
+/// The name a program was loaded with (`bpf_prog_info.name`: at most 15 bytes, so
+/// longer function names are cut), found by its kernel ID.
+pub fn prog_name_by_id(id: u32) -> io::Result<String> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, id); // prog_id
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)?;
+    let info = obj_info(fd.as_fd())?;
+    // struct bpf_prog_info: name[16] at byte 64 (u32 words 16..20).
+    let bytes: Vec<u8> = info[16..20].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }

@@ -22,8 +22,8 @@ use anyhow::{Context, Result, bail};
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
     events::{self, EventReader},
-    iface,
     loader::{self, MapOutcome},
+    order::Verified,
     paths::{PinLayout, StateLayout, host_link_ifname},
     records::AttachmentRecord,
 };
@@ -593,6 +593,7 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLin
             hook: Hook::Egress,
             link_pin: &link_pin,
             mode: AttachMode::best_available(),
+            exempt: false,
         };
         match attach::attach(layout, &req) {
             Ok(a) => {
@@ -653,6 +654,7 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
             hook: Hook::Ingress,
             link_pin: &link_pin,
             mode,
+            exempt: record.exempt,
         };
         moved_pins.insert(link_pin.clone());
         match attach::attach(layout, &req) {
@@ -666,6 +668,8 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
             Err(e) => log::warn!("re-attaching {}: {e}", record.host_ifname),
         }
     }
+    // Every other pinned link (host interfaces, a pod whose ADD died before writing its
+    // record): moved by a link update, exempt ones kept exempt.
     let Ok(entries) = std::fs::read_dir(layout.links_dir()) else {
         return;
     };
@@ -674,31 +678,11 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
         if moved_pins.contains(&pin) {
             continue;
         }
-        let Ok(Some(link)) = attach::pinned_link_state(&pin) else {
-            continue;
-        };
-        if link.ifindex == 0 {
-            continue; // interface gone; the link is defunct and cleaned up elsewhere
-        }
-        let Ok(ifname) = iface::ifname(link.ifindex) else {
-            continue;
-        };
-        let hook = if link.attach_type == attach::tcx_attach_type(Hook::Egress) {
-            Hook::Egress
-        } else {
-            Hook::Ingress
-        };
-        let req = AttachRequest {
-            ifname: &ifname,
-            hook,
-            link_pin: &pin,
-            mode: AttachMode::Tcx,
-        };
-        match attach::attach(layout, &req) {
-            Ok(a) if a.program_id != link.prog_id => {
-                log::info!("moved {ifname} to program {}", a.program_id)
+        match egress_deny_datapath::order::ensure_first_and_current(layout, &pin) {
+            Ok(Verified::Moved | Verified::Reordered) => {
+                log::info!("moved {} to the program in use", pin.display())
             }
-            Ok(_) => {}
+            Ok(Verified::InPlace | Verified::Gone) => {}
             Err(e) => log::warn!("re-attaching {}: {e}", pin.display()),
         }
     }

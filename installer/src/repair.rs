@@ -14,7 +14,7 @@ use egress_deny_datapath::{
     lifecycle,
     paths::{AttachmentId, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR, PinLayout, StateLayout},
     records::{AttachmentRecord, PodIdentity},
-    veth,
+    settings, veth,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -51,7 +51,9 @@ impl CachedResult {
 /// What repair does with one cached attachment.
 #[derive(Debug, PartialEq, Eq)]
 enum Decision {
-    Attach(AttachMode),
+    /// Attach in this mode; `exempt`: a pod of an excluded namespace, which gets the
+    /// exempt program (marked, not judged) when the judged mark is on.
+    Attach { mode: AttachMode, exempt: bool },
     /// Not ours to filter (the reason is logged once).
     Skip(String),
 }
@@ -96,10 +98,13 @@ fn decide(
             "network {network:?} uses another egress-deny installation (pinDir/stateDir)"
         ));
     }
-    if let Some(namespace) = cached.arg("K8S_POD_NAMESPACE")
-        && entry["excludeNamespaces"]
+    let excluded = cached.arg("K8S_POD_NAMESPACE").filter(|namespace| {
+        entry["excludeNamespaces"]
             .as_array()
             .is_some_and(|list| list.iter().any(|n| *n == namespace.as_str()))
+    });
+    if let Some(namespace) = &excluded
+        && !settings::read(layout).is_ok_and(|s| s.judged_mark != 0)
     {
         return Decision::Skip(format!(
             "namespace {namespace:?} is excluded on network {network:?}"
@@ -116,7 +121,10 @@ fn decide(
             }
         },
     };
-    Decision::Attach(mode)
+    Decision::Attach {
+        mode,
+        exempt: excluded.is_some(),
+    }
 }
 
 /// Attaches to pods the runtime's cache knows and we do not, on networks that chain
@@ -168,7 +176,7 @@ pub fn repair_from_cache(
             continue; // pod gone; the runtime's own DEL/GC will clear its cache
         }
         let mode = match decide(layout, state, conf_dir, &cached) {
-            Decision::Attach(mode) => mode,
+            Decision::Attach { mode, exempt } => (mode, exempt),
             Decision::Skip(why) => {
                 if noted.get(&path) != Some(&why) {
                     log::info!("not repairing {id}: {why}");
@@ -177,11 +185,16 @@ pub fn repair_from_cache(
                 continue;
             }
         };
-        match attach_pod(layout, state, &cached, &netns, mode) {
+        match attach_pod(layout, state, &cached, &netns, mode.0, mode.1) {
             Ok(what) => {
                 log::warn!(
-                    "repaired: {what} was running unfiltered (network {}); now filtered",
-                    cached.network_name
+                    "repaired: {what} was running without egress-deny (network {}); now {}",
+                    cached.network_name,
+                    if mode.1 {
+                        "exempt (excluded namespace)"
+                    } else {
+                        "filtered"
+                    }
                 );
                 noted.remove(&path);
                 repaired.push(what);
@@ -235,6 +248,7 @@ fn attach_pod(
     cached: &CachedResult,
     netns: &str,
     mode: AttachMode,
+    exempt: bool,
 ) -> egress_deny_datapath::Result<String> {
     let host = veth::host_side(Path::new(netns), &cached.if_name)?;
     let pod = PodIdentity {
@@ -245,7 +259,7 @@ fn attach_pod(
         pod_namespace: cached.arg("K8S_POD_NAMESPACE"),
         pod_name: cached.arg("K8S_POD_NAME"),
     };
-    let record = lifecycle::attach_pod(layout, state, pod, &host, mode)?;
+    let record = lifecycle::attach_pod(layout, state, pod, &host, mode, exempt)?;
     Ok(match (&record.pod_namespace, &record.pod_name) {
         (Some(ns), Some(name)) => format!("pod {ns}/{name} ({})", host.ifname),
         _ => format!("container {} ({})", cached.container_id, host.ifname),
@@ -335,7 +349,10 @@ mod tests {
         };
         assert_eq!(
             decide_for("k8s", "default", &chained),
-            Decision::Attach(AttachMode::Netlink)
+            Decision::Attach {
+                mode: AttachMode::Netlink,
+                exempt: false
+            }
         );
         assert!(matches!(
             decide_for("k8s", "kube-system", &chained),
@@ -353,7 +370,10 @@ mod tests {
         std::fs::write(conf_dir.join("10-k8s.conflist"), chained.to_string()).unwrap();
         assert_eq!(
             decide_for("k8s", "default", &primary_only),
-            Decision::Attach(AttachMode::Netlink)
+            Decision::Attach {
+                mode: AttachMode::Netlink,
+                exempt: false
+            }
         );
         assert!(matches!(
             decide_for("k8s", "kube-system", &primary_only),

@@ -1,6 +1,6 @@
 //! ADD: attach the pinned program to the pod's host-side veth (tc ingress) before the
 //! pod runs, record the attachment, and pass prevResult through unchanged.
-use egress_deny_datapath::{lifecycle, records::PodIdentity};
+use egress_deny_datapath::{lifecycle, records::PodIdentity, settings};
 
 use crate::{Output, config::FailurePolicy, error::PluginError, pod, skel::Invocation};
 
@@ -11,16 +11,23 @@ pub fn run(inv: &Invocation) -> Output {
     })?;
     let result = Ok(Some(prev.to_string()));
 
-    if conf.is_excluded(inv.pod_namespace()) {
-        log::info!(
-            "{}: namespace {:?} is excluded, not filtering",
-            inv.container_id,
-            inv.pod_namespace()
-        );
-        return result;
-    }
     let layout = conf.pin_layout();
-    if let Err(why) = pod::installed(&layout) {
+    let excluded = conf.is_excluded(inv.pod_namespace());
+    if excluded {
+        // Not judged here; with the judged mark on, the exempt program marks its packets
+        // so that a filtered host interface does not judge them either (the exemption
+        // then holds off the node too). Never a reason to fail the pod.
+        let marking = pod::installed(&layout).is_ok()
+            && settings::read(&layout).is_ok_and(|s| s.judged_mark != 0);
+        if !marking {
+            log::info!(
+                "{}: namespace {:?} is excluded, not filtering",
+                inv.container_id,
+                inv.pod_namespace()
+            );
+            return result;
+        }
+    } else if let Err(why) = pod::installed(&layout) {
         return match conf.failure_policy {
             FailurePolicy::Fail => Err(PluginError::NotReady(why)),
             FailurePolicy::Ignore => {
@@ -45,16 +52,35 @@ pub fn run(inv: &Invocation) -> Output {
         pod_namespace: inv.pod_namespace().map(str::to_owned),
         pod_name: inv.pod_name().map(str::to_owned),
     };
-    let record = lifecycle::attach_pod(
+    let attached = lifecycle::attach_pod(
         &layout,
         &conf.state_layout(),
         pod,
         &veth,
         conf.attach_mode(),
-    )
-    .map_err(|e| PluginError::datapath(format!("attaching to {}", veth.ifname), e))?;
+        excluded,
+    );
+    let record = match attached {
+        Ok(record) => record,
+        Err(e) if excluded => {
+            // Its traffic off the node is then judged at the uplink: filtered, not lost.
+            log::warn!("{id}: excluded namespace, exempt program not attached: {e}");
+            return result;
+        }
+        Err(e) => {
+            return Err(PluginError::datapath(
+                format!("attaching to {}", veth.ifname),
+                e,
+            ));
+        }
+    };
     log::info!(
-        "{id}: attached to {} ingress (ifindex {}, {}, program {})",
+        "{id}: attached{} to {} ingress (ifindex {}, {}, program {})",
+        if excluded {
+            " (excluded namespace: exempt)"
+        } else {
+            ""
+        },
         record.host_ifname,
         record.host_ifindex,
         record.mode,

@@ -3,15 +3,16 @@
 //! and traffic from sources we did not attach are judged at the uplink; pods of excluded
 //! namespaces reach denied addresses off the node. Real installer, plugin, libcni
 //! runtime (bridge and ptp primaries), iptables marks of a kube-proxy-style neighbour.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use egress_deny_datapath::counters::CounterMap;
 use egress_deny_tests::{
     cni::{ALLOWED, CniNode, DENIED, Primary, hand_made_pod},
     installer::{Installer, InstallerDirs},
     probe::{ping, udp_through},
-    require_root,
+    require_root, wait_until,
 };
 use serde_json::json;
+use std::time::Duration;
 
 struct Node {
     node: CniNode,
@@ -190,6 +191,117 @@ fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<(
     assert_eq!(
         udp_through(pod.ns(), &n.node.server, DENIED, ALLOWED, 5)?,
         0
+    );
+    Ok(())
+}
+/// A pod in an excluded namespace reaches a denied address off the node (its veth gets
+/// the exempt program, which marks without judging); a filtered pod on the same node
+/// stays filtered.
+fn excluded_pods_are_exempt_off_the_node(primary: Primary) -> Result<()> {
+    require_root();
+    let n = node(primary, &[])?;
+    let exempt = n.node.pod()?;
+    exempt
+        .add(
+            &n.conflist,
+            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
+        )?
+        .map_err(anyhow::Error::msg)?;
+    let filtered = n.node.pod()?;
+    filtered
+        .add(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?
+        .map_err(anyhow::Error::msg)?;
+    wait_until("the exempt pod out", Duration::from_secs(5), || {
+        udp_through(exempt.ns(), &n.node.server, DENIED, ALLOWED, 3).is_ok_and(|n| n == 3)
+    })
+    .context("a pod of an excluded namespace cannot reach a denied address off the node")?;
+    assert_eq!(
+        udp_through(filtered.ns(), &n.node.server, DENIED, ALLOWED, 3)?,
+        0
+    );
+    assert!(!ping(&n.node.node, DENIED));
+    // DEL removes the exempt attachment like any other.
+    exempt
+        .del(
+            &n.conflist,
+            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
+        )?
+        .map_err(anyhow::Error::msg)?;
+    assert!(
+        !n.dirs
+            .layout()
+            .pod_link(&exempt.container_id, "eth0")
+            .exists(),
+        "the exempt attachment outlived DEL"
+    );
+    Ok(())
+}
+
+#[test]
+fn excluded_pods_are_exempt_off_the_node_bridge() -> Result<()> {
+    excluded_pods_are_exempt_off_the_node(Primary::Bridge)
+}
+
+#[test]
+fn excluded_pods_are_exempt_off_the_node_ptp() -> Result<()> {
+    excluded_pods_are_exempt_off_the_node(Primary::Ptp)
+}
+
+/// NAT64 on an IPv6-only path: a pod (dual-stack bridge network through the real
+/// runtime) sends to `64:ff9b::198.51.100.7`, which only the IPv4 rule
+/// `198.51.100.7/32` covers: dropped at its veth; `64:ff9b::192.0.2.10` passes; and
+/// `lookup` explains the decision.
+#[test]
+fn nat64_destinations_follow_the_ipv4_rules_through_a_real_runtime() -> Result<()> {
+    require_root();
+    let n = node(Primary::Bridge, &[])?;
+    // IPv6 between node and server, and the NAT64 addresses on the server.
+    n.node.node.ip("addr add fd00:30::1/64 dev up0 nodad")?;
+    n.node.server.ip("addr add fd00:30::2/64 dev eth0 nodad")?;
+    n.node.server.ip("addr add 64:ff9b::c633:6407/128 dev lo")?;
+    n.node.server.ip("addr add 64:ff9b::c000:20a/128 dev lo")?;
+    n.node.server.ip("route add fd00:244::/64 via fd00:30::1")?;
+    n.node.node.ip("route add 64:ff9b::/96 via fd00:30::2")?;
+    n.node
+        .node
+        .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    let dual = json!({ "cniVersion": "1.0.0", "name": "k8s-dual", "plugins": [{
+        "type": "bridge", "bridge": "edbr6", "isGateway": true, "ipMasq": false,
+        "ipam": { "type": "host-local",
+            "ranges": [[{ "subnet": "10.244.6.0/24" }], [{ "subnet": "fd00:244::/64" }]],
+            "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }],
+            "dataDir": n.node.dir.path().join("ipam6") } }] });
+    let conflist = n.dirs.conf_dir().join("05-dual.conflist");
+    std::fs::write(&conflist, serde_json::to_vec(&dual)?)?;
+    wait_until(
+        "our entry in the dual-stack conflist",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&conflist).is_ok_and(|c| c.contains("egress-deny")),
+    )?;
+    let pod = n.node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (allowed, denied) = ("64:ff9b::c000:20a", "64:ff9b::c633:6407");
+    // The bridge's IPv6 gateway address may still be tentative (DAD) at first.
+    wait_until("IPv6 through the bridge", Duration::from_secs(10), || {
+        udp_through(pod.ns(), &n.node.server, allowed, allowed, 1).is_ok_and(|n| n == 1)
+    })?;
+    assert_eq!(
+        udp_through(pod.ns(), &n.node.server, denied, allowed, 5)?,
+        0,
+        "an IPv4-denied address reached through NAT64"
+    );
+    let lookup = n.dirs.cli(
+        Some(&n.node.node),
+        &[
+            "lookup",
+            &format!("--pin-dir={}", n.dirs.pin_dir.display()),
+            denied,
+        ],
+    )?;
+    assert!(
+        lookup.starts_with(&format!("{denied} deny {DENIED}/32"))
+            && lookup.contains("through the NAT64 prefix 64:ff9b::/96"),
+        "{lookup}"
     );
     Ok(())
 }

@@ -13,8 +13,8 @@ use serde_json::json;
 
 /// Pods started before the installer, on the network it then chains into (one in an
 /// excluded namespace) and on a secondary network that does not chain egress-deny:
-/// only the first is attached; the others are neither attached nor warned about on
-/// every pass.
+/// the first is filtered, the excluded one gets the exempt program, the other is
+/// neither attached nor warned about on every pass.
 #[test]
 fn repair_applies_the_networks_own_chain_and_excluded_namespaces() -> Result<()> {
     require_root();
@@ -93,24 +93,39 @@ fn repair_applies_the_networks_own_chain_and_excluded_namespaces() -> Result<()>
         Ok(())
     };
     another_pass(1)?;
-    for (pod, what) in [
-        (&system, "excluded namespace"),
-        (&other, "secondary network"),
-    ] {
-        let record = egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
-            .attachment_record(&pod.container_id, "eth0");
-        ensure!(!record.exists(), "{what}: repair recorded an attachment");
-        assert_eq!(
-            udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?,
-            3,
-            "{what}: repair attached the filter"
-        );
-    }
+    // The excluded namespace's pod gets the exempt program (marked, never judged: the
+    // node's filtered uplinks then leave it alone too), recorded as exempt.
+    let system_record = egress_deny_datapath::records::AttachmentRecord::read(
+        &egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+            .attachment_record(&system.container_id, "eth0"),
+    )?;
+    ensure!(
+        system_record.exempt,
+        "the excluded pod was attached as filtered"
+    );
+    assert_eq!(
+        udp_through(system.ns(), &node.server, DENIED, ALLOWED, 3)?,
+        3,
+        "excluded namespace: repair attached the filter"
+    );
+    // The secondary network does not chain us: nothing attached.
+    let record = egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
+        .attachment_record(&other.container_id, "eth0");
+    ensure!(
+        !record.exists(),
+        "secondary network: repair recorded an attachment"
+    );
+    assert_eq!(
+        udp_through(other.ns(), &node.server, DENIED, ALLOWED, 3)?,
+        3,
+        "secondary network: repair attached the filter"
+    );
     let log = installer.log_text();
     ensure!(
-        log.contains("namespace \"kube-system\" is excluded")
+        log.contains("repaired: pod kube-system/dns-1")
+            && log.contains("now exempt (excluded namespace)")
             && log.contains("network \"side\" does not chain egress-deny"),
-        "the skips are not logged:\n{log}"
+        "the repair and the skip are not logged:\n{log}"
     );
     let noted = log.matches("not repairing").count();
     another_pass(2)?;

@@ -87,6 +87,7 @@ fn attach_host_side(
             hook: Hook::Ingress,
             link_pin: &link_pin,
             mode,
+            exempt: false,
         },
     )
     .context("attach")
@@ -272,6 +273,7 @@ fn l3_device_on_tc_egress_gets_the_l3_program_and_drops_denied() -> Result<()> {
                 hook: Hook::Egress,
                 link_pin: &link_pin,
                 mode: AttachMode::Tcx,
+                exempt: false,
             },
         )?
     };

@@ -402,6 +402,7 @@ fn stacked_vid0_vlan_tags_do_not_bypass_the_filter() -> Result<()> {
                 hook: Hook::Ingress,
                 link_pin: &link_pin,
                 mode: AttachMode::Tcx,
+                exempt: false,
             },
         )
         .context("attach")?;

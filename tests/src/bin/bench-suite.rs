@@ -449,6 +449,7 @@ impl Applier<'_> {
                 hook: Hook::Ingress,
                 link_pin: &link_pin,
                 mode: AttachMode::Tcx,
+                exempt: false,
             },
         )?;
         Ok(())
