@@ -157,7 +157,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     });
 
     let (conf_tx, conf_rx) = mpsc::channel();
-    metrics::serve(args.listen, Arc::clone(&shared))?;
+    // Binds (and retries binding) on its own thread: a taken port must not keep the
+    // rules from being synced (issue 10, item 16).
+    if let Err(e) = metrics::serve(args.listen, Arc::clone(&shared)) {
+        log::error!("starting the HTTP listener on {}: {e:#}", args.listen);
+    }
     watch(&args.rules_dir, &args.cni.cni_conf_dir, rules_tx, conf_tx)?;
     log_deny_events(layout.clone(), state.clone());
     // The node side (conflist, host interfaces, repair) on its own thread: a sync of

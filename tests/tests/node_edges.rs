@@ -1,9 +1,12 @@
 //! The node's edges, with the real installer binary: a primary CNI that keeps rewriting
-//! its `.conf` (issue 10, item 14).
+//! its `.conf` (issue 10, item 14) and hostile or unlucky HTTP clients and ports
+//! (item 16).
 use std::{
-    io::Write,
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,8 +16,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use egress_deny_tests::{
+    binary,
     installer::{Installer, InstallerDirs},
-    require_root,
+    require_root, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -261,5 +265,243 @@ fn a_foreign_conflist_of_the_same_name_is_never_overwritten() -> Result<()> {
         stats(&mut windows)
     );
     installer.wait_ready()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Item 16: the HTTP listener.
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// GET `path`, timing the whole exchange.
+fn timed_get(port: u16, path: &str, deadline: Duration) -> Result<(u16, Duration)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), deadline)?;
+    stream.set_read_timeout(Some(deadline))?;
+    stream.set_write_timeout(Some(deadline))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, started.elapsed()))
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response (or part of one) first
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn healthz_answers_despite_stalled_and_flooding_clients() -> Result<()> {
+    require_root();
+    let dirs = InstallerDirs::new()?;
+    let installer = Installer::start(&dirs, None, &["--host-interfaces=none"])?;
+    let port = installer.port;
+    let pid = installer.pid();
+    let threads_before = threads_of(pid);
+
+    // A client that pipelines /metrics requests and never reads: the responses fill
+    // both socket buffers.
+    let mut stalled_reader = TcpStream::connect(("127.0.0.1", port))?;
+    stalled_reader.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(512);
+    for _ in 0..40 {
+        // The server may stop reading (or close) once it stalls: that is fine.
+        if stalled_reader.write_all(&request).is_err() {
+            break;
+        }
+    }
+    // A client that never finishes its request.
+    let mut unfinished = TcpStream::connect(("127.0.0.1", port))?;
+    unfinished.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")?;
+    // Many connections at once that send nothing.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+        {
+            Ok(s) => idle.push(s),
+            Err(_) => break, // refused or backlog full: bounded, as it should be
+        }
+    }
+    eprintln!(
+        "{} idle connections opened; daemon threads {threads_before} before, {} now",
+        idle.len(),
+        threads_of(pid)
+    );
+
+    let deadline = Duration::from_secs(1);
+    let mut latencies = Vec::new();
+    for _ in 0..10 {
+        let (code, took) = timed_get(port, "/healthz", deadline)
+            .context("/healthz with stalled and idle clients connected")?;
+        assert_eq!(code, 200);
+        latencies.push(took);
+    }
+    let (code, _) = timed_get(port, "/metrics", deadline)?;
+    assert_eq!(code, 200);
+    eprintln!(
+        "/healthz with stalled and idle clients: {}",
+        stats(&mut latencies)
+    );
+    let threads_during = threads_of(pid);
+    assert!(
+        threads_during <= threads_before + 8,
+        "connections cost threads: {threads_before} before, {threads_during} with {} open",
+        idle.len() + 2
+    );
+
+    // Timeouts: the server drops what it cannot finish rather than holding it forever.
+    let limit = Duration::from_secs(20);
+    assert!(
+        closed_by_server(&mut unfinished, limit),
+        "an unfinished request is never timed out"
+    );
+    assert!(
+        idle.iter_mut().all(|s| closed_by_server(s, limit)),
+        "idle connections are never timed out"
+    );
+    let _ = stalled_reader.shutdown(Shutdown::Write);
+    assert!(
+        closed_by_server(&mut stalled_reader, limit),
+        "a client that does not read is never timed out"
+    );
+    let (code, took) = timed_get(port, "/healthz", deadline)?;
+    assert_eq!(code, 200);
+    eprintln!("/healthz afterwards: {:.2} ms", took.as_secs_f64() * 1000.0);
+    Ok(())
+}
+
+/// `egress-deny-installer run` started by hand (Installer::start waits for /healthz);
+/// SIGTERM and reaped on drop.
+struct RawInstaller {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RawInstaller {
+    fn start(dirs: &InstallerDirs, listen: &str) -> Result<Self> {
+        let log = dirs.root.path().join("installer-raw.log");
+        let child = Command::new(binary("egress-deny-installer"))
+            .arg("run")
+            .args(dirs.state_args())
+            .args(dirs.cni_args())
+            .arg(format!("--rules-dir={}", dirs.rules_dir().display()))
+            .arg(format!("--listen={listen}"))
+            .arg(format!(
+                "--plugin-binary={}",
+                binary("egress-deny").display()
+            ))
+            .arg("--host-interfaces=none")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting the installer")?;
+        Ok(Self { child, log })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for RawInstaller {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_taken_port_does_not_prevent_the_first_sync() -> Result<()> {
+    require_root();
+    let dirs = InstallerDirs::new()?;
+    std::fs::write(
+        dirs.conf_dir().join("10-ptp.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"ptp"}]}"#,
+    )?;
+    dirs.publish_rules(&[("deny.txt", b"203.0.113.0/24\n2001:db8::/32\n")])?;
+    let squatter = TcpListener::bind("127.0.0.1:0")?;
+    let port = squatter.local_addr()?.port();
+    let mut installer = RawInstaller::start(&dirs, &format!("127.0.0.1:{port}"))?;
+
+    let status_path = dirs.state_dir().join("status.json");
+    let synced = || {
+        std::fs::read(&status_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|s| {
+                s["lastSync"]["ok"] == true
+                    && s["lastSync"]["rules"]["v4Deny"] == 1
+                    && s["lastSync"]["rules"]["v6Deny"] == 1
+            })
+    };
+    wait_until("the first rules sync", Duration::from_secs(30), synced)
+        .inspect_err(|_| eprintln!("installer log:\n{}", installer.log_text()))?;
+    assert!(installer.log_text().contains("rules synced"));
+    wait_until("the bind failure reported", Duration::from_secs(10), || {
+        installer.log_text().contains(&format!("127.0.0.1:{port}"))
+    })?;
+    assert!(
+        installer.running(),
+        "the daemon exited:\n{}",
+        installer.log_text()
+    );
+    eprintln!(
+        "log with the port taken:\n{}",
+        installer
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&port.to_string()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // The port is freed: the daemon binds it in the background and serves.
+    drop(squatter);
+    let mut answered = None;
+    wait_until(
+        "/healthz once the port is free",
+        Duration::from_secs(15),
+        || {
+            answered = timed_get(port, "/healthz", Duration::from_secs(1))
+                .ok()
+                .map(|(code, _)| code);
+            answered == Some(200)
+        },
+    )
+    .inspect_err(|_| eprintln!("installer log:\n{}", installer.log_text()))?;
+    assert!(installer.running());
     Ok(())
 }
