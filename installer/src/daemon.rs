@@ -43,6 +43,8 @@ pub const PLUGIN_NAME: &str = "egress-deny";
 /// dir, `..data` swap, new and removed key symlinks) is a burst of a few operations
 /// within a millisecond; a spurious sync in the middle only costs a metadata check.
 const RULES_DEBOUNCE: Duration = Duration::from_millis(10);
+/// A second look after a conf dir event, for a primary's multi-step write seen half-way
+/// by the immediate one (issue 10, item 14).
 const CONF_DEBOUNCE: Duration = Duration::from_millis(50);
 /// Safety net for missed notifications, host-interface changes and late conflists.
 const TICK: Duration = Duration::from_secs(2);
@@ -166,7 +168,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     });
 
     let (conf_tx, conf_rx) = mpsc::channel();
-    metrics::serve(args.listen, Arc::clone(&shared))?;
+    // Binds (and retries binding) on its own thread: a taken port must not keep the
+    // rules from being synced (issue 10, item 16).
+    if let Err(e) = metrics::serve(args.listen, Arc::clone(&shared)) {
+        log::error!("starting the HTTP listener on {}: {e:#}", args.listen);
+    }
     watch(&args.rules_dir, &args.cni.cni_conf_dir, rules_tx, conf_tx)?;
     log_deny_events(layout.clone(), state.clone());
     // The node side (conflist, host interfaces, repair) on its own thread: a sync of
@@ -484,7 +490,16 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     loop {
         let next = conf_due.map_or(next_tick, |due| due.min(next_tick));
         match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Ok(_) => conf_due = Some(Instant::now() + CONF_DEBOUNCE),
+            Ok(_) => {
+                // At once: a rewritten primary without our entry is what the runtime
+                // picks until we are back in it, so a debounce would be a window. Events
+                // queued before this read are covered by it.
+                while events.try_recv().is_ok() {}
+                ensure_conflist(args, shared, &mut conflist_error);
+                // Not pushed back by later events: a primary that rewrites continuously
+                // must not starve the second look.
+                conf_due.get_or_insert(Instant::now() + CONF_DEBOUNCE);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }

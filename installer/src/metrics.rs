@@ -1,41 +1,312 @@
 //! HTTP endpoints for the DaemonSet: `/metrics` (Prometheus text format), `/healthz`
 //! (the process answers) and `/readyz` (program and maps pinned, rules synced at least
 //! once, conflist entry present).
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, sync::atomic::Ordering, thread};
+//!
+//! One thread serves every connection from a `mio` event loop with non-blocking
+//! sockets: a client that never reads, never finishes its request or never sends one
+//! holds a slot in a bounded table and a deadline, never the thread, so `/healthz` (the
+//! liveness probe) keeps answering. tiny_http, used before, has no socket timeouts,
+//! spawns a thread per connection without a bound and writes responses blocking on
+//! the one thread that serves every request. Binding is retried in the background: a
+//! taken port must not keep the rules from being synced and enforced.
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::{self, Read, Write},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use egress_deny_datapath::{
     counters::CounterMap,
     paths::{ALL_MAPS, ProgramKind},
 };
+use mio::{Events, Interest, Poll, Token, net::TcpListener};
 
 use crate::{conflist, daemon::Shared, status};
 
+/// Open connections at most; a new one beyond it takes the slot of the oldest one
+/// still waiting for its request (or is closed when every slot is being answered).
+const MAX_CONNECTIONS: usize = 64;
+/// For the whole request head to arrive, and for the whole response to be taken.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(5);
+/// Probes and scrapes send a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+const BIND_RETRY_MAX: Duration = Duration::from_secs(5);
+const LISTENER: Token = Token(0);
+
+/// Counters for `/metrics` (process-wide: there is one listener).
+static BIND_FAILURES: AtomicU64 = AtomicU64::new(0);
+static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
+static EVICTED: AtomicU64 = AtomicU64::new(0);
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Starts the listener thread and returns at once: binding (and retrying it) happens
+/// there, so that nothing before the first rules sync waits for a port.
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("listening on {addr}"))?;
-    log::info!("serving /metrics, /healthz, /readyz on {addr}");
     thread::Builder::new().name("http".into()).spawn(move || {
-        for request in server.incoming_requests() {
-            let (code, body, content_type) = match request.url() {
-                "/healthz" => (200, "ok\n".to_owned(), "text/plain"),
-                "/readyz" => match readiness(&shared) {
-                    Ok(()) => (200, "ready\n".to_owned(), "text/plain"),
-                    Err(why) => (503, format!("not ready: {why}\n"), "text/plain"),
-                },
-                "/metrics" => (200, render(&shared), "text/plain; version=0.0.4"),
-                _ => (404, "not found\n".to_owned(), "text/plain"),
-            };
-            let header =
-                tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header");
-            let response = tiny_http::Response::from_string(body)
-                .with_status_code(code)
-                .with_header(header);
-            let _ = request.respond(response);
+        let listener = bind(addr);
+        if let Err(e) = serve_on(listener, &shared) {
+            log::error!("HTTP listener on {addr} stopped: {e}");
         }
     })?;
     Ok(())
+}
+
+fn bind(addr: SocketAddr) -> TcpListener {
+    let mut wait = Duration::from_millis(250);
+    let mut said: Option<String> = None;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(listener) => {
+                let failures = BIND_FAILURES.load(Ordering::Relaxed);
+                if failures == 0 {
+                    log::info!("serving /metrics, /healthz, /readyz on {addr}");
+                } else {
+                    log::info!(
+                        "serving /metrics, /healthz, /readyz on {addr} (after {failures} failed attempts)"
+                    );
+                }
+                return listener;
+            }
+            Err(e) => {
+                BIND_FAILURES.fetch_add(1, Ordering::Relaxed);
+                // Once per distinct error: retries every few seconds would flood the log.
+                let message = e.to_string();
+                if said.as_ref() != Some(&message) {
+                    log::error!(
+                        "cannot listen on {addr}: {message}; rules are synced and enforced regardless, but /healthz, /readyz and /metrics are unavailable until it binds (retrying in the background)"
+                    );
+                    said = Some(message);
+                }
+                thread::sleep(wait);
+                wait = (wait * 2).min(BIND_RETRY_MAX);
+            }
+        }
+    }
+}
+
+enum Phase {
+    /// Collecting the request head.
+    Reading(Vec<u8>),
+    /// Sending the response; the offset reached.
+    Writing(Vec<u8>, usize),
+}
+
+struct Connection {
+    stream: mio::net::TcpStream,
+    accepted: Instant,
+    deadline: Instant,
+    phase: Phase,
+}
+
+fn serve_on(mut listener: TcpListener, shared: &Shared) -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut connections: HashMap<Token, Connection> = HashMap::new();
+    let mut next = 1usize;
+    loop {
+        let timeout = connections
+            .values()
+            .map(|c| c.deadline)
+            .min()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in &events {
+            if event.token() == LISTENER {
+                accept(&listener, &poll, &mut connections, &mut next);
+                continue;
+            }
+            let token = event.token();
+            let Some(connection) = connections.get_mut(&token) else {
+                continue;
+            };
+            if !progress(connection, shared) {
+                close(&poll, &mut connections, token);
+            }
+        }
+        let now = Instant::now();
+        let expired: Vec<Token> = connections
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in expired {
+            TIMED_OUT.fetch_add(1, Ordering::Relaxed);
+            close(&poll, &mut connections, token);
+        }
+    }
+}
+
+fn accept(
+    listener: &TcpListener,
+    poll: &Poll,
+    connections: &mut HashMap<Token, Connection>,
+    next: &mut usize,
+) {
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of file descriptors, or the peer gone before accept: the
+                // connection is lost, the listener is not.
+                log::debug!("accept: {e}");
+                return;
+            }
+        };
+        if connections.len() >= MAX_CONNECTIONS {
+            // The oldest connection that has not sent its request yet had the longest
+            // to do so; a fresh one (a probe) sends at once.
+            let oldest = connections
+                .iter()
+                .filter(|(_, c)| matches!(c.phase, Phase::Reading(_)))
+                .min_by_key(|(_, c)| c.accepted)
+                .map(|(t, _)| *t);
+            match oldest {
+                Some(token) => {
+                    EVICTED.fetch_add(1, Ordering::Relaxed);
+                    close(poll, connections, token);
+                }
+                None => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                }
+            }
+        }
+        let token = Token(*next);
+        *next = next.checked_add(1).unwrap_or(1);
+        if let Err(e) =
+            poll.registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+        {
+            log::debug!("registering a connection: {e}");
+            continue;
+        }
+        let now = Instant::now();
+        connections.insert(
+            token,
+            Connection {
+                stream,
+                accepted: now,
+                deadline: now + REQUEST_DEADLINE,
+                phase: Phase::Reading(Vec::new()),
+            },
+        );
+    }
+}
+
+fn close(poll: &Poll, connections: &mut HashMap<Token, Connection>, token: Token) {
+    if let Some(mut connection) = connections.remove(&token) {
+        let _ = poll.registry().deregister(&mut connection.stream);
+    }
+}
+
+/// Reads and writes what the socket takes without blocking (edge-triggered: until it
+/// would block). Returns false when the connection is done or failed.
+fn progress(connection: &mut Connection, shared: &Shared) -> bool {
+    if let Phase::Reading(buffer) = &mut connection.phase {
+        let mut chunk = [0u8; 2048];
+        let response = loop {
+            match connection.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    buffer.extend_from_slice(&chunk[..n]);
+                    if let Some(response) = respond_to(buffer, shared) {
+                        break response;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        };
+        connection.phase = Phase::Writing(response, 0);
+        connection.deadline = Instant::now() + RESPONSE_DEADLINE;
+    }
+    let Phase::Writing(response, offset) = &mut connection.phase else {
+        return true;
+    };
+    while *offset < response.len() {
+        match connection.stream.write(&response[*offset..]) {
+            Ok(0) => return false,
+            Ok(n) => *offset += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    // Everything is in the socket: closing sends it, then FIN (`Connection: close`).
+    false
+}
+
+/// The response once `buffer` holds a whole request head (or can no longer become a
+/// valid one).
+fn respond_to(buffer: &[u8], shared: &Shared) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let (code, body, content_type, head_only) = match request.parse(buffer) {
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST => return None,
+        Ok(httparse::Status::Partial) => {
+            (431, "request head too large\n".into(), "text/plain", false)
+        }
+        Err(_) => (400, "bad request\n".into(), "text/plain", false),
+        Ok(httparse::Status::Complete(_)) => {
+            let head_only = request.method == Some("HEAD");
+            if request.method != Some("GET") && !head_only {
+                (405, "only GET and HEAD\n".into(), "text/plain", false)
+            } else {
+                let (code, body, content_type) = endpoint(request.path.unwrap_or("/"), shared);
+                (code, body, content_type, head_only)
+            }
+        }
+    };
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    Some(out)
+}
+
+fn endpoint(path: &str, shared: &Shared) -> (u16, String, &'static str) {
+    // Probes may add a query string; the endpoints take none.
+    match path.split('?').next().unwrap_or(path) {
+        "/healthz" => (200, "ok\n".to_owned(), "text/plain"),
+        "/readyz" => match readiness(shared) {
+            Ok(()) => (200, "ready\n".to_owned(), "text/plain"),
+            Err(why) => (503, format!("not ready: {why}\n"), "text/plain"),
+        },
+        "/metrics" => (200, render(shared), "text/plain; version=0.0.4"),
+        _ => (404, "not found\n".to_owned(), "text/plain"),
+    }
 }
 
 pub fn readiness(shared: &Shared) -> Result<(), String> {
@@ -269,5 +540,33 @@ pub fn render(shared: &Shared) -> String {
         "Deny events not logged (rate limit or full ring buffer).",
     );
     out.push_str(&suppressed);
+    metric(
+        &mut out,
+        "egress_deny_http_bind_failures_total",
+        "counter",
+        "Failed attempts to bind the HTTP listener (port taken); retried in the background.",
+    );
+    let _ = writeln!(
+        out,
+        "egress_deny_http_bind_failures_total {}",
+        BIND_FAILURES.load(Ordering::Relaxed)
+    );
+    metric(
+        &mut out,
+        "egress_deny_http_connections_dropped_total",
+        "counter",
+        "HTTP connections closed unanswered: past a deadline, evicted for a newer one at the connection limit, or refused at it.",
+    );
+    for (reason, n) in [
+        ("timeout", &TIMED_OUT),
+        ("evicted", &EVICTED),
+        ("refused", &REFUSED),
+    ] {
+        let _ = writeln!(
+            out,
+            "egress_deny_http_connections_dropped_total{{reason=\"{reason}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     out
 }
