@@ -56,6 +56,7 @@ const ESCAPE: char = '%';
 const RECORD_SUFFIX: &str = ".json";
 const HOST_LINK_PREFIX: &str = "host_";
 const ATTACHMENTS_DIR: &str = "attachments";
+const HOST_ATTACHMENTS_DIR: &str = "hosts";
 
 /// Which of the two program sections an interface needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,6 +314,20 @@ impl StateLayout {
 
     pub fn attachments_dir(&self) -> PathBuf {
         self.root.join(ATTACHMENTS_DIR)
+    }
+
+    /// Host-interface attachments the installer made (its own, not the plugin's).
+    pub fn host_attachments_dir(&self) -> PathBuf {
+        self.root.join(HOST_ATTACHMENTS_DIR)
+    }
+
+    /// The record of the installer's attachment to host interface `ifname`: a cls_bpf
+    /// filter has no pin to find it by (a TCX link has, and gets a record too).
+    pub fn host_record(&self, ifname: &str) -> PathBuf {
+        let mut name = String::new();
+        escape_into(&mut name, ifname);
+        self.host_attachments_dir()
+            .join(format!("{name}{RECORD_SUFFIX}"))
     }
 
     pub fn record_for(&self, id: &AttachmentId) -> PathBuf {

@@ -200,3 +200,37 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
         Error::io(format!("writing {}", path.display()), e)
     })
 }
+
+/// The installer's attachment to a host interface (tc egress): how to find and remove
+/// it whatever the mode (a cls_bpf filter has no pin).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// "tcx" or "netlink".
+    pub mode: String,
+}
+
+impl HostRecord {
+    pub fn write(&self, state: &StateLayout) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::Invalid(format!("serializing host record: {e}")))?;
+        write_atomically(&state.host_record(&self.ifname), &json)
+    }
+
+    /// Every readable host record.
+    pub fn list(state: &StateLayout) -> Vec<(PathBuf, Self)> {
+        let Ok(entries) = fs::read_dir(state.host_attachments_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| {
+                let record = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
+                Some((e.path(), record))
+            })
+            .collect()
+    }
+}

@@ -22,10 +22,11 @@ use anyhow::{Context, Result, bail};
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
     events::{self, EventReader},
+    iface,
     loader::{self, MapOutcome},
     order::Verified,
     paths::{PinLayout, StateLayout, host_link_ifname},
-    records::AttachmentRecord,
+    records::{AttachmentRecord, HostRecord},
 };
 use ipnet::IpNet;
 
@@ -483,7 +484,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     let mut conflist_error: Option<String> = None;
     ensure_conflist(args, shared, &mut conflist_error);
     repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
-    let mut host_links = attach_host_interfaces(args, layout, &HostLinks::default());
+    let mut host_links = attach_host_interfaces(args, layout, state, &HostLinks::default());
     set_host_interfaces(shared, args, &host_links);
     let mut conf_due: Option<Instant> = None;
     let mut next_tick = Instant::now() + TICK;
@@ -511,7 +512,7 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
         if now >= next_tick {
             next_tick = now + TICK;
             ensure_conflist(args, shared, &mut conflist_error);
-            host_links = attach_host_interfaces(args, layout, &host_links);
+            host_links = attach_host_interfaces(args, layout, state, &host_links);
             if !shared.staged.load(Ordering::Relaxed) {
                 crate::verify::attachments(layout, &shared.repairs);
             }
@@ -597,8 +598,15 @@ fn ensure_conflist(args: &RunArgs, shared: &Shared, last_error: &mut Option<Stri
 }
 
 /// Attaches to the wanted host interfaces (tc egress), detaches from ones no longer
-/// wanted. Each failure is logged when it starts (or changes) and reported in status.
-fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLinks) -> HostLinks {
+/// wanted, whatever the mode (each attachment has a host record: a cls_bpf filter has
+/// no pin to find it by). Each failure is logged when it starts (or changes) and
+/// reported in status.
+fn attach_host_interfaces(
+    args: &RunArgs,
+    layout: &PinLayout,
+    state: &StateLayout,
+    previous: &HostLinks,
+) -> HostLinks {
     let wanted = node::host_interfaces(&args.host_interfaces);
     let mut now = HostLinks::default();
     for ifname in &wanted {
@@ -607,7 +615,7 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLin
             ifname,
             hook: Hook::Egress,
             link_pin: &link_pin,
-            mode: AttachMode::best_available(),
+            mode: AttachMode::forced_or_best(),
             exempt: false,
         };
         match attach::attach(layout, &req) {
@@ -618,6 +626,16 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLin
                         a.mode.as_str(),
                         a.program_id
                     );
+                }
+                let record = HostRecord {
+                    ifname: ifname.clone(),
+                    ifindex: a.ifindex,
+                    mode: a.mode.as_str().to_owned(),
+                };
+                if HostRecord::list(state).iter().all(|(_, r)| *r != record)
+                    && let Err(e) = record.write(state)
+                {
+                    log::warn!("recording host interface {ifname}: {e}");
                 }
                 now.attached.push(ifname.clone());
             }
@@ -634,7 +652,21 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLin
             }
         }
     }
-    // Host links for interfaces no longer wanted (or gone).
+    // Attachments to interfaces no longer wanted (or gone): recorded ones by their mode,
+    // then pins without a record (older versions recorded none).
+    for (path, record) in HostRecord::list(state) {
+        if now.attached.contains(&record.ifname) {
+            continue;
+        }
+        detach_host(layout, &record);
+        let _ = std::fs::remove_file(path);
+        if previous.attached.contains(&record.ifname) {
+            log::info!(
+                "host interface {} no longer filtered (gone or not a default route)",
+                record.ifname
+            );
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -642,15 +674,27 @@ fn attach_host_interfaces(args: &RunArgs, layout: &PinLayout, previous: &HostLin
                 && !now.attached.contains(&ifname)
             {
                 let _ = attach::detach(None, Hook::Egress, &entry.path(), AttachMode::Tcx);
-                if previous.attached.contains(&ifname) {
-                    log::info!(
-                        "host interface {ifname} no longer filtered (gone or not a default route)"
-                    );
-                }
             }
         }
     }
     now
+}
+
+/// Removes one host attachment the way it was made. A cls_bpf filter is found by the
+/// recorded name only while that name still has the recorded ifindex (a new interface
+/// reusing the name is not ours to strip).
+pub fn detach_host(layout: &PinLayout, record: &HostRecord) {
+    let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
+    let still_ours = iface::ifindex(&record.ifname).is_ok_and(|i| i == record.ifindex);
+    let ifname = still_ours.then_some(record.ifname.as_str());
+    if let Err(e) = attach::detach(
+        ifname,
+        Hook::Egress,
+        &layout.host_link(&record.ifname),
+        mode,
+    ) {
+        log::warn!("detaching from host interface {}: {e}", record.ifname);
+    }
 }
 
 /// Every start pins a freshly loaded program (after an upgrade, a new version): move

@@ -172,12 +172,27 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout) -> Vec<LiveAttachmen
             container_id: Some(r.container_id),
         });
     }
+    // Host attachments: recorded (any mode), then pins of older versions without one.
+    let recorded = egress_deny_datapath::records::HostRecord::list(state);
+    for (_, r) in &recorded {
+        out.push(LiveAttachment {
+            kind: "host",
+            ifname: r.ifname.clone(),
+            ifindex: r.ifindex,
+            pod_namespace: None,
+            pod_name: None,
+            container_id: None,
+        });
+    }
     if let Ok(entries) = std::fs::read_dir(layout.links_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(ifname) = host_link_ifname(&name) else {
                 continue;
             };
+            if recorded.iter().any(|(_, r)| r.ifname == ifname) {
+                continue;
+            }
             let ifindex = attach::pinned_link_state(&entry.path())
                 .ok()
                 .flatten()

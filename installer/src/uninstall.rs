@@ -4,6 +4,7 @@ use anyhow::Result;
 use egress_deny_datapath::{
     lifecycle, loader,
     paths::{PinLayout, StateLayout},
+    records::HostRecord,
 };
 
 use crate::{cli::UninstallArgs, conflist};
@@ -19,8 +20,13 @@ pub fn run(args: &UninstallArgs) -> Result<()> {
     for (path, e) in lifecycle::tear_down_all(&layout, &state) {
         log::warn!("removing the attachment of {}: {e}", path.display());
     }
-    // Remaining pins (host links, programs, maps) go with the pin dir: a TCX link is
-    // detached once its pin is gone.
+    // Host interfaces by their records (a cls_bpf filter has no pin to go with).
+    for (path, record) in HostRecord::list(&state) {
+        crate::daemon::detach_host(&layout, &record);
+        let _ = std::fs::remove_file(path);
+    }
+    // Remaining pins (host links of older versions, programs, maps) go with the pin
+    // dir: a TCX link is detached once its pin is gone.
     loader::unpin_all(&layout)?;
     let _ = std::fs::remove_file(crate::status::status_path(&args.state.state_dir));
     let binary = args.cni.cni_bin_dir.join(crate::daemon::PLUGIN_NAME);

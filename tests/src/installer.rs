@@ -161,6 +161,16 @@ pub fn free_port() -> u16 {
 impl Installer {
     /// Starts `run` with the given extra flags; waits until /healthz answers.
     pub fn start(dirs: &InstallerDirs, netns: Option<&Netns>, extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(dirs, netns, extra, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables.
+    pub fn start_with_env(
+        dirs: &InstallerDirs,
+        netns: Option<&Netns>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = free_port();
         let log = dirs.root.path().join(format!("installer-{port}.log"));
         let log_file = std::fs::File::create(&log)?;
@@ -176,6 +186,7 @@ impl Installer {
             ))
             .args(extra)
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = cmd.spawn().context("starting the installer")?;

@@ -749,3 +749,72 @@ fn nothing_in_the_repository_kills_processes_by_name() -> Result<()> {
     );
     Ok(())
 }
+
+/// On kernels without TCX host interfaces get cls_bpf filters, which have no pin: they
+/// used to be missing from `status`, left behind when the default route moved, and
+/// left behind by `uninstall`. (The cls_bpf fallback forced here by its variable.)
+#[test]
+fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()> {
+    require_root();
+    let ns = egress_deny_tests::Netns::new("edcb")?;
+    let dirs = InstallerDirs::new()?;
+    std::fs::write(
+        dirs.conf_dir().join("10-ptp.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
+    )?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    for (up, net) in [("up1", "100.64.1"), ("up2", "100.64.2")] {
+        ns.ip(&format!("link add {up} type veth peer name {up}p"))?;
+        ns.ip(&format!("addr add {net}.1/24 dev {up}"))?;
+        ns.ip(&format!("link set {up} up"))?;
+        ns.ip(&format!("link set {up}p up"))?;
+    }
+    ns.ip("route add default via 100.64.1.2")?;
+    let filtered = |dev: &str| {
+        ns.exec("tc", &["filter", "show", "dev", dev, "egress"])
+            .is_ok_and(|out| out.contains("egress_deny"))
+    };
+    let installer = Installer::start_with_env(
+        &dirs,
+        Some(&ns),
+        &["--host-interfaces=auto"],
+        &[("EGRESS_DENY_ATTACH_MODE", "netlink")],
+    )?;
+    installer.wait_ready()?;
+    wait_until("up1 filtered by cls_bpf", Duration::from_secs(10), || {
+        filtered("up1")
+    })?;
+    assert!(
+        !dirs.layout().host_link("up1").exists(),
+        "TCX used, not cls_bpf"
+    );
+    let status = dirs.cli(
+        Some(&ns),
+        &[
+            "status",
+            &format!("--pin-dir={}", dirs.pin_dir.display()),
+            &format!("--state-dir={}", dirs.state_dir().display()),
+        ],
+    )?;
+    assert!(status.contains("host up1"), "{status}");
+
+    ns.ip("route replace default via 100.64.2.2")?;
+    wait_until(
+        "the filter follows the default route",
+        Duration::from_secs(10),
+        || filtered("up2") && !filtered("up1"),
+    )?;
+    drop(installer);
+    dirs.cli(
+        Some(&ns),
+        &[
+            "uninstall",
+            &format!("--pin-dir={}", dirs.pin_dir.display()),
+            &format!("--state-dir={}", dirs.state_dir().display()),
+            &format!("--cni-conf-dir={}", dirs.conf_dir().display()),
+            &format!("--cni-bin-dir={}", dirs.bin_dir().display()),
+        ],
+    )?;
+    assert!(!filtered("up2"), "uninstall left the cls_bpf filter on up2");
+    Ok(())
+}
