@@ -4,9 +4,12 @@
 use std::{fs, os::fd::AsFd, path::Path};
 
 use crate::{
-    attach::{pinned_link_state, pinned_program_fd},
+    attach::{
+        self, AttachMode, AttachRequest, Hook, NETLINK_HANDLE, NETLINK_PRIORITY, pinned_link_state,
+        pinned_program_fd,
+    },
     error::{Error, Result},
-    iface, loader,
+    iface, loader, netlink,
     paths::{PROGRAM_EXEMPT, PinLayout, ProgramKind},
     sys,
 };
@@ -36,6 +39,8 @@ pub enum Verified {
     Reordered,
     /// No pin, or its interface is gone (cleaned up elsewhere).
     Gone,
+    /// A cls_bpf filter that was missing (filter or clsact qdisc deleted): attached again.
+    Restored,
 }
 
 /// Checks the pinned TCX link at `pin` and repairs it: the program in use, first on
@@ -86,4 +91,45 @@ pub fn ensure_first_and_current(layout: &PinLayout, pin: &Path) -> Result<Verifi
     sys::link_update(front.as_fd(), program.as_fd())
         .map_err(|e| Error::io(format!("updating the link on {ifname}"), e))?;
     Ok(Verified::Reordered)
+}
+
+/// The cls_bpf (netlink mode) counterpart for an attachment on `ifname`'s `hook`: our
+/// filter (fixed priority and handle) present and running the program in use, else
+/// attached again (clsact re-created if it was deleted). Its position among other
+/// filters of the same priority is not repaired: a filter cannot be moved without a
+/// moment in which it is absent.
+pub fn ensure_filter_present(
+    layout: &PinLayout,
+    ifname: &str,
+    hook: Hook,
+    exempt: bool,
+) -> Result<Verified> {
+    let ifindex = iface::ifindex(ifname)?;
+    let kind = if exempt {
+        ProgramKind::Exempt
+    } else {
+        iface::program_kind(ifname)?
+    };
+    let (_, expected) = pinned_program_fd(layout, kind)?;
+    let ours = netlink::bpf_filters(ifindex, hook)?
+        .into_iter()
+        .find(|f| f.priority == NETLINK_PRIORITY && f.handle == NETLINK_HANDLE);
+    if ours.as_ref().is_some_and(|f| f.program_id == expected) {
+        return Ok(Verified::InPlace);
+    }
+    attach::attach(
+        layout,
+        &AttachRequest {
+            ifname,
+            hook,
+            link_pin: Path::new(""),
+            mode: AttachMode::Netlink,
+            exempt,
+        },
+    )?;
+    Ok(if ours.is_some() {
+        Verified::Moved
+    } else {
+        Verified::Restored
+    })
 }

@@ -512,10 +512,12 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
         if now >= next_tick {
             next_tick = now + TICK;
             ensure_conflist(args, shared, &mut conflist_error);
-            host_links = attach_host_interfaces(args, layout, state, &host_links);
+            // Verified (and repairs counted) before the host attachments are
+            // re-asserted, which would otherwise restore a lost filter silently.
             if !shared.staged.load(Ordering::Relaxed) {
-                crate::verify::attachments(layout, &shared.repairs);
+                crate::verify::attachments(layout, state, &shared.repairs);
             }
+            host_links = attach_host_interfaces(args, layout, state, &host_links);
             repair::clean_up_vanished(layout, state);
             repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
             set_host_interfaces(shared, args, &host_links);
@@ -741,7 +743,7 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
             Ok(Verified::Moved | Verified::Reordered) => {
                 log::info!("moved {} to the program in use", pin.display())
             }
-            Ok(Verified::InPlace | Verified::Gone) => {}
+            Ok(Verified::InPlace | Verified::Gone | Verified::Restored) => {}
             Err(e) => log::warn!("re-attaching {}: {e}", pin.display()),
         }
     }

@@ -1,14 +1,19 @@
-//! The daemon's periodic check of every TCX attachment (pods and host interfaces):
-//! still first on its hook and on the program in use. Each repair is logged and counted
+//! The daemon's periodic check of every attachment (pods and host interfaces): a TCX
+//! link still first on its hook and on the program in use; a cls_bpf filter still
+//! there and on the program in use. Each repair is logged and counted
 //! (`egress_deny_attachment_repairs_total`).
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use egress_deny_datapath::{
-    order::{Verified, ensure_first_and_current},
-    paths::{PinLayout, host_link_ifname, is_pod_link_name, is_reorder_link_name},
+    attach::{AttachMode, Hook},
+    lifecycle,
+    order::{Verified, ensure_filter_present, ensure_first_and_current},
+    paths::{PinLayout, StateLayout, host_link_ifname, is_pod_link_name, is_reorder_link_name},
+    records::{AttachmentRecord, HostRecord},
 };
 
-pub fn attachments(layout: &PinLayout, repairs: &AtomicU64) {
+pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64) {
+    netlink_attachments(layout, state, repairs);
     let Ok(entries) = std::fs::read_dir(layout.links_dir()) else {
         return;
     };
@@ -34,8 +39,47 @@ pub fn attachments(layout: &PinLayout, repairs: &AtomicU64) {
                 repairs.fetch_add(1, Ordering::Relaxed);
                 log::info!("{name} ran an older program; moved to the one in use");
             }
-            Ok(Verified::InPlace | Verified::Gone) => {}
+            Ok(Verified::InPlace | Verified::Gone | Verified::Restored) => {}
             Err(e) => log::warn!("verifying {name}: {e}"),
+        }
+    }
+}
+
+/// cls_bpf attachments (kernels without TCX): present and on the program in use. A
+/// deleted filter or clsact qdisc is attached again.
+fn netlink_attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64) {
+    let netlink = AttachMode::Netlink.as_str();
+    let pods = AttachmentRecord::list(state)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, r)| r.mode == netlink)
+        .filter_map(|(_, r)| {
+            // Only while the name still has the recorded ifindex (names are reused).
+            let ifname = lifecycle::recorded_host_ifname(&r)?.to_owned();
+            Some((ifname, Hook::Ingress, r.exempt))
+        });
+    let hosts = HostRecord::list(state)
+        .into_iter()
+        .filter(|(_, r)| r.mode == netlink)
+        .filter(|(_, r)| {
+            egress_deny_datapath::iface::ifindex(&r.ifname).is_ok_and(|i| i == r.ifindex)
+        })
+        .map(|(_, r)| (r.ifname, Hook::Egress, false));
+    for (ifname, hook, exempt) in pods.chain(hosts) {
+        match ensure_filter_present(layout, &ifname, hook, exempt) {
+            Ok(Verified::Restored) => {
+                repairs.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "the egress-deny filter on {ifname} {} was gone (filter or clsact deleted); attached again",
+                    hook.as_str()
+                );
+            }
+            Ok(Verified::Moved) => {
+                repairs.fetch_add(1, Ordering::Relaxed);
+                log::info!("{ifname} ran an older program; moved to the one in use");
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("verifying the filter on {ifname}: {e}"),
         }
     }
 }

@@ -752,7 +752,8 @@ fn nothing_in_the_repository_kills_processes_by_name() -> Result<()> {
 
 /// On kernels without TCX host interfaces get cls_bpf filters, which have no pin: they
 /// used to be missing from `status`, left behind when the default route moved, and
-/// left behind by `uninstall`. (The cls_bpf fallback forced here by its variable.)
+/// left behind by `uninstall`; a deleted clsact qdisc went unnoticed. (The cls_bpf
+/// fallback forced here by its variable.)
 #[test]
 fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()> {
     require_root();
@@ -797,6 +798,23 @@ fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()
         ],
     )?;
     assert!(status.contains("host up1"), "{status}");
+
+    // Someone deletes the clsact qdisc (and with it our filter): restored on the tick.
+    ns.exec("tc", &["qdisc", "del", "dev", "up1", "clsact"])?;
+    assert!(!filtered("up1"));
+    wait_until("the filter restored", Duration::from_secs(10), || {
+        filtered("up1")
+    })?;
+    wait_until("the repair counted", Duration::from_secs(5), || {
+        installer
+            .http("/metrics")
+            .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
+    })?;
+    assert!(
+        installer
+            .log_text()
+            .contains("was gone (filter or clsact deleted)")
+    );
 
     ns.ip("route replace default via 100.64.2.2")?;
     wait_until(
