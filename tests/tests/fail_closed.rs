@@ -567,11 +567,12 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
         0,
         "denied packets pass while another program runs ahead of ours"
     );
-    let (_, metrics) = installer.http("/metrics")?;
-    assert!(
-        metrics.contains("egress_deny_attachment_repairs_total 1"),
-        "{metrics}"
-    );
+    // Counted just after the re-order takes effect.
+    wait_until("the repair counted", Duration::from_secs(5), || {
+        installer
+            .http("/metrics")
+            .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
+    })?;
     assert!(
         installer
             .log_text()
