@@ -57,6 +57,7 @@ const RECORD_SUFFIX: &str = ".json";
 const HOST_LINK_PREFIX: &str = "host_";
 const ATTACHMENTS_DIR: &str = "attachments";
 const HOST_ATTACHMENTS_DIR: &str = "hosts";
+const DAEMON_LOCK: &str = "daemon.lock";
 
 /// Which of the two program sections an interface needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +315,11 @@ impl StateLayout {
 
     pub fn attachments_dir(&self) -> PathBuf {
         self.root.join(ATTACHMENTS_DIR)
+    }
+
+    /// Held (flock) by the running daemon: one per node, a second one waits.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.root.join(DAEMON_LOCK)
     }
 
     /// Host-interface attachments the installer made (its own, not the plugin's).

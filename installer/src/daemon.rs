@@ -67,6 +67,9 @@ pub struct Shared {
     pub staged: AtomicBool,
     /// Attachments found behind another program or on an old one, and repaired.
     pub repairs: AtomicU64,
+    /// Why this daemon is not running yet (starting up, waiting for another daemon to
+    /// release the node lock), for /readyz; `None` once its datapath is loaded.
+    pub not_started: Mutex<Option<String>>,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -79,6 +82,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let cancel = Arc::new(AtomicBool::new(false));
     let (rules_tx, rules_rx) = mpsc::channel();
     stop_on_signals(rules_tx.clone(), Arc::clone(&cancel))?;
+
+    // Served from the start: a daemon waiting for the node lock answers /healthz (alive)
+    // and /readyz (not ready, and why). Binds (and retries binding) on its own thread: a
+    // taken port must not keep the rules from being synced.
+    let shared = Arc::new(Shared {
+        layout: layout.clone(),
+        state: state.clone(),
+        conf_dir: args.cni.cni_conf_dir.clone(),
+        status: Mutex::new(DaemonStatus::default()),
+        synced_once: AtomicBool::new(false),
+        staged: AtomicBool::new(false),
+        repairs: AtomicU64::new(0),
+        not_started: Mutex::new(Some("starting".into())),
+    });
+    if let Err(e) = metrics::serve(args.listen, Arc::clone(&shared)) {
+        log::error!("starting the HTTP listener on {}: {e:#}", args.listen);
+    }
+    // One daemon per node: held until this process exits (the kernel drops it then,
+    // kill -9 included).
+    let Some(_lock) = node_lock(&state, &shared, &cancel)? else {
+        log::info!("stopping while waiting for the node lock");
+        return Ok(());
+    };
 
     let report = loader::load_and_pin(&layout).context("loading and pinning the eBPF datapath")?;
     for (name, outcome) in &report.maps {
@@ -158,22 +184,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         ),
         None => {}
     }
-    let shared = Arc::new(Shared {
-        layout: layout.clone(),
-        state: state.clone(),
-        conf_dir: args.cni.cni_conf_dir.clone(),
-        status: Mutex::new(previous),
-        synced_once: AtomicBool::new(false),
-        staged: AtomicBool::new(report.staged),
-        repairs: AtomicU64::new(0),
-    });
-
+    *shared.status.lock().expect("status") = previous;
+    shared.staged.store(report.staged, Ordering::Relaxed);
+    *shared.not_started.lock().expect("lock state") = None;
     let (conf_tx, conf_rx) = mpsc::channel();
-    // Binds (and retries binding) on its own thread: a taken port must not keep the
-    // rules from being synced (issue 10, item 16).
-    if let Err(e) = metrics::serve(args.listen, Arc::clone(&shared)) {
-        log::error!("starting the HTTP listener on {}: {e:#}", args.listen);
-    }
     watch(&args.rules_dir, &args.cni.cni_conf_dir, rules_tx, conf_tx)?;
     log_deny_events(layout.clone(), state.clone());
     // The node side (conflist, host interfaces, repair) on its own thread: a sync of
@@ -218,6 +232,59 @@ pub fn run(args: &RunArgs) -> Result<()> {
             rules.sync(args, &shared);
         }
     }
+}
+
+/// Takes the node-wide daemon lock (`flock` on the state dir's lock file), waiting while
+/// another daemon holds it: a hand-run next to the DaemonSet's, or a rollout with
+/// `maxSurge`, where the new daemon takes over the moment the old one exits. `None` when
+/// stopped (SIGTERM) while waiting.
+fn node_lock(
+    state: &StateLayout,
+    shared: &Shared,
+    cancel: &AtomicBool,
+) -> Result<Option<std::fs::File>> {
+    use std::{io::Write, os::fd::AsRawFd};
+    let path = state.daemon_lock();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut said = false;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err).with_context(|| format!("locking {}", path.display()));
+        }
+        if !said {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let who = format!(
+                "another egress-deny-installer (pid {}) runs on this node (lock {})",
+                holder.trim(),
+                path.display()
+            );
+            log::warn!("{who}; waiting for it to exit");
+            *shared.not_started.lock().expect("lock state") = Some(who);
+            said = true;
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(50)); // polling the lock, bounded by SIGTERM
+    }
+    if said {
+        log::info!("took over the node lock");
+    }
+    *shared.not_started.lock().expect("lock state") = Some("starting".into());
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(Some(file))
 }
 
 /// What a parse saw, to skip the next one when nothing changed.

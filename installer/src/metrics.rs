@@ -320,6 +320,9 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
             return Err(format!("map {map} is not pinned"));
         }
     }
+    if let Some(who) = shared.not_started.lock().expect("lock state").as_ref() {
+        return Err(who.clone());
+    }
     if shared.staged.load(Ordering::Relaxed) {
         return Err(
             "upgrade staged: the replaced rule maps do not hold a valid rule set yet (the previous program keeps enforcing)".into(),

@@ -94,3 +94,67 @@ fn every_run_flag_has_help() -> Result<()> {
     assert!(flags >= 15, "{help}");
     Ok(())
 }
+
+/// A second daemon on the node (a hand-run next to the DaemonSet's, or a surge rollout)
+/// waits for the first, saying why, and takes over the moment it exits: under a flood
+/// to a denied destination nothing leaks, and the programs are pinned once by each
+/// daemon (not by the waiting one while the first still runs).
+#[test]
+fn a_second_daemon_waits_for_the_first_and_takes_over_without_a_gap() -> Result<()> {
+    use egress_deny_datapath::{attach::pinned_program, paths::ProgramKind};
+    use egress_deny_tests::{
+        cni::{ALLOWED, CniNode, DENIED, Primary},
+        probe::Flood,
+    };
+    require_root();
+    let node = CniNode::new()?;
+    let dirs = InstallerDirs::new()?;
+    let conflist = dirs.conf_dir().join("10-bridge.conflist");
+    let list = serde_json::json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
+    std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
+    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+    let first = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    first.wait_ready()?;
+    let pod = node.pod()?;
+    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let program = || pinned_program(&dirs.layout(), ProgramKind::Ethernet).map(|(_, id)| id);
+    let first_program = program()?;
+    let flood = Flood::start(pod.ns(), &node.server, DENIED)?;
+
+    let second = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
+    wait_until(
+        "the second daemon to say it waits",
+        Duration::from_secs(10),
+        || second.log_text().contains("waiting for it to exit"),
+    )?;
+    let (code, body) = second.http("/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&format!("pid {}", first.pid())), "{body}");
+    assert_eq!(program()?, first_program, "the waiting daemon re-pinned");
+
+    first.stop()?;
+    second.wait_ready()?;
+    assert!(second.log_text().contains("took over the node lock"));
+    let second_program = program()?;
+    assert_ne!(second_program, first_program);
+    let (sent, arrived) = flood.finish();
+    eprintln!("handover: {sent} packets sent to a denied destination, {arrived} arrived");
+    assert!(sent > 100, "the flood did not run");
+    assert_eq!(arrived, 0, "packets leaked during the handover");
+    assert_eq!(udp_through_allowed(&node, &pod)?, 1);
+    Ok(())
+}
+
+fn udp_through_allowed(
+    node: &egress_deny_tests::cni::CniNode,
+    pod: &egress_deny_tests::cni::Pod<'_>,
+) -> Result<usize> {
+    egress_deny_tests::probe::udp_through(
+        pod.ns(),
+        &node.server,
+        egress_deny_tests::cni::ALLOWED,
+        egress_deny_tests::cni::ALLOWED,
+        1,
+    )
+}
