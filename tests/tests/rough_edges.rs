@@ -142,19 +142,9 @@ fn a_second_daemon_waits_for_the_first_and_takes_over_without_a_gap() -> Result<
     eprintln!("handover: {sent} packets sent to a denied destination, {arrived} arrived");
     assert!(sent > 100, "the flood did not run");
     assert_eq!(arrived, 0, "packets leaked during the handover");
-    assert_eq!(udp_through_allowed(&node, &pod)?, 1);
+    assert_eq!(
+        egress_deny_tests::probe::udp_through(pod.ns(), &node.server, ALLOWED, ALLOWED, 1)?,
+        1
+    );
     Ok(())
-}
-
-fn udp_through_allowed(
-    node: &egress_deny_tests::cni::CniNode,
-    pod: &egress_deny_tests::cni::Pod<'_>,
-) -> Result<usize> {
-    egress_deny_tests::probe::udp_through(
-        pod.ns(),
-        &node.server,
-        egress_deny_tests::cni::ALLOWED,
-        egress_deny_tests::cni::ALLOWED,
-        1,
-    )
 }
