@@ -484,6 +484,7 @@ pub fn render(shared: &Shared) -> String {
     let mut packets = String::new();
     let mut bytes = String::new();
     let mut suppressed = String::new();
+    let mut judged_before = String::new();
     for a in &attachments {
         let c = counters
             .as_ref()
@@ -521,6 +522,13 @@ pub fn render(shared: &Shared) -> String {
             "egress_deny_deny_events_suppressed_total{{{labels}}} {}",
             c.events_suppressed
         );
+        if a.kind == "host" {
+            let _ = writeln!(
+                judged_before,
+                "egress_deny_packets_judged_before_total{{{labels}}} {}",
+                c.judged_before_packets
+            );
+        }
     }
     metric(
         &mut out,
@@ -543,6 +551,13 @@ pub fn render(shared: &Shared) -> String {
         "Deny events not logged (rate limit or full ring buffer).",
     );
     out.push_str(&suppressed);
+    metric(
+        &mut out,
+        "egress_deny_packets_judged_before_total",
+        "counter",
+        "Host interfaces: forwarded packets passed without a lookup because a pod's veth already judged or exempted them (included in the allowed packets).",
+    );
+    out.push_str(&judged_before);
     metric(
         &mut out,
         "egress_deny_http_bind_failures_total",

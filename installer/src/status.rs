@@ -302,14 +302,22 @@ pub fn run_status(args: &StateArgs) -> Result<u8> {
         };
         writeln!(
             out,
-            "  {} {} (ifindex {}){who}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes",
+            "  {} {} (ifindex {}){who}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes{}",
             a.kind,
             a.ifname,
             a.ifindex,
             c.denied_packets,
             c.denied_bytes,
             c.allowed_packets,
-            c.allowed_bytes
+            c.allowed_bytes,
+            if a.kind == "host" {
+                format!(
+                    " ({} judged before, at a pod's veth)",
+                    c.judged_before_packets
+                )
+            } else {
+                String::new()
+            }
         )?;
     }
     print!("{out}");

@@ -19,7 +19,7 @@ struct Node {
     dirs: InstallerDirs,
     conflist: std::path::PathBuf,
     /// Kept running for the test's length (stopped on drop).
-    _installer: Installer,
+    installer: Installer,
 }
 
 /// A node with `primary`, `excluded` as excluded namespaces, DENIED denied and the
@@ -41,7 +41,7 @@ fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
         node,
         dirs,
         conflist,
-        _installer: installer,
+        installer,
     })
 }
 
@@ -88,6 +88,17 @@ fn one_lookup_per_forwarded_packet(primary: Primary) -> Result<()> {
     assert!(
         forwarded - judged_before <= 5,
         "{forwarded} allowed, {judged_before} judged before"
+    );
+    let (_, metrics) = n.installer.http("/metrics")?;
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "egress_deny_packets_judged_before_total{kind=\"host\",interface=\"up0\""
+        ) && l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|v| v >= 201)),
+        "{metrics}"
     );
     assert!(
         !ping(&n.node.node, DENIED),
