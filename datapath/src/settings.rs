@@ -17,6 +17,8 @@ use crate::{
 pub struct DatapathSettings {
     pub judged_mark: u32,
     pub nat64_prefixes: Vec<Ipv6Net>,
+    /// Filtered pods' veths mark what they allowed too (see `Settings::pod_mark`).
+    pub trust_pod_verdicts: bool,
 }
 
 impl DatapathSettings {
@@ -41,6 +43,11 @@ impl DatapathSettings {
         let mut raw = Settings {
             judged_mark: self.judged_mark,
             nat64_prefix_count: self.nat64_prefixes.len() as u32,
+            pod_mark: if self.trust_pod_verdicts {
+                self.judged_mark
+            } else {
+                0
+            },
             ..Settings::default()
         };
         for (slot, prefix) in raw.nat64_prefixes.iter_mut().zip(&self.nat64_prefixes) {
@@ -62,6 +69,7 @@ impl DatapathSettings {
         Self {
             judged_mark: raw.judged_mark,
             nat64_prefixes,
+            trust_pod_verdicts: raw.pod_mark != 0,
         }
     }
 }
@@ -101,6 +109,7 @@ mod tests {
                 "64:ff9b::/96".parse().unwrap(),
                 "2001:db8:64::/96".parse().unwrap(),
             ],
+            trust_pod_verdicts: true,
         };
         assert_eq!(DatapathSettings::from_raw(&s.to_raw()), s);
         let short = DatapathSettings {

@@ -105,15 +105,22 @@ pub struct RunArgs {
     pub deny_events_per_second: u32,
     #[command(flatten)]
     pub limits: LimitArgs,
-    /// skb->mark bit(s) a pod's veth sets on the packets it allowed (or, for excluded
-    /// namespaces, exempted), so that a filtered host interface passes them without a
-    /// second lookup; hex or decimal, 0 turns it off (then every packet is judged again
-    /// at the uplink, and excluded namespaces are exempt only on the node itself). Pick
-    /// bits no other component sets (kube-proxy: 0x4000/0x8000, Calico: its
-    /// iptablesMarkMask, Cilium: 0x0F00 and identities in the upper 16 bits, Istio:
+    /// skb->mark bit(s) the veths of pods in excluded namespaces set (and, with
+    /// --trust-pod-verdicts, those of filtered pods on what they allowed), so that a
+    /// filtered host interface passes their forwarded packets without a lookup; hex or
+    /// decimal, 0 turns it off (excluded namespaces are then exempt only on the node
+    /// itself). Pick bits no other component sets (kube-proxy: 0x4000/0x8000, Calico:
+    /// its iptablesMarkMask, Cilium: 0x0F00 and identities in the upper 16 bits, Istio:
     /// 0x539, AWS VPC CNI: 0x80).
     #[arg(long, env = "EGRESS_DENY_JUDGED_MARK", default_value = "0x40000000", value_parser = parse_mark)]
     pub judged_mark: u32,
+    /// Look a filtered pod's packet up once, at its veth: the host interfaces trust the
+    /// judged mark on it too. Off by default: a destination rewritten after the veth (a
+    /// Service DNAT'ed to an endpoint outside the node) is then not judged again; turn
+    /// it on where no Service points outside the cluster, to save the second lookup
+    /// (tests/BENCHMARKS.md, "One verdict per forwarded pod packet").
+    #[arg(long, env = "EGRESS_DENY_TRUST_POD_VERDICTS")]
+    pub trust_pod_verdicts: bool,
     /// NAT64 /96 prefixes whose embedded IPv4 addresses the IPv4 rules judge
     /// (comma-separated; empty: none).
     #[arg(long, env = "EGRESS_DENY_NAT64_PREFIXES", default_value = "64:ff9b::/96", value_parser = parse_nat64_list)]
@@ -133,6 +140,7 @@ fn parse_nat64_list(s: &str) -> Result<Nat64List, String> {
     let settings = egress_deny_datapath::settings::DatapathSettings {
         judged_mark: 0,
         nat64_prefixes: prefixes.clone(),
+        trust_pod_verdicts: false,
     };
     settings.validate().map_err(|e| e.to_string())?;
     Ok(Nat64List(prefixes))

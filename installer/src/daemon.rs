@@ -129,6 +129,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         &egress_deny_datapath::settings::DatapathSettings {
             judged_mark: args.judged_mark,
             nat64_prefixes: args.nat64_prefixes.0.clone(),
+            trust_pod_verdicts: args.trust_pod_verdicts,
         },
     )
     .context("writing the datapath settings")?;

@@ -62,7 +62,7 @@ impl Node {
 /// dropped at the uplink.
 fn one_lookup_per_forwarded_packet(primary: Primary) -> Result<()> {
     require_root();
-    let n = node(primary, &[])?;
+    let n = node(primary, &["--trust-pod-verdicts"])?;
     let pod = n.node.pod()?;
     pod.add(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?
         .map_err(anyhow::Error::msg)?;
@@ -152,7 +152,7 @@ fn traffic_from_an_unattached_source_is_judged_at_the_uplink() -> Result<()> {
 #[test]
 fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<()> {
     require_root();
-    let n = node(Primary::Bridge, &[])?;
+    let n = node(Primary::Bridge, &["--trust-pod-verdicts"])?;
     n.node.node.exec(
         "iptables",
         &[
@@ -318,5 +318,48 @@ fn nat64_destinations_follow_the_ipv4_rules_through_a_real_runtime() -> Result<(
             && lookup.contains("through the NAT64 prefix 64:ff9b::/96"),
         "{lookup}"
     );
+    Ok(())
+}
+
+/// A Service whose endpoint is outside the node: the pod sends to the Service's virtual
+/// IP (allowed at its veth), the node DNATs it to a denied address. By default the
+/// uplink judges the rewritten destination and drops it; with --trust-pod-verdicts the
+/// veth's verdict on the virtual IP stands (the documented price of one lookup), which
+/// this test also shows, so that the default's zero is not an artefact of the set-up.
+#[test]
+fn a_service_dnat_to_a_denied_endpoint_is_judged_at_the_uplink() -> Result<()> {
+    require_root();
+    for (trust, expect) in [(false, 0), (true, 3)] {
+        let flags: &[&str] = if trust {
+            &["--trust-pod-verdicts"]
+        } else {
+            &[]
+        };
+        let n = node(Primary::Bridge, flags)?;
+        n.node.node.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                "10.96.0.10",
+                "-p",
+                "udp",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                DENIED,
+            ],
+        )?;
+        let pod = n.node.pod()?;
+        pod.add(&n.conflist, "")?.map_err(anyhow::Error::msg)?;
+        assert_eq!(
+            udp_through(pod.ns(), &n.node.server, "10.96.0.10", ALLOWED, 3)?,
+            expect,
+            "trust pod verdicts: {trust}"
+        );
+    }
     Ok(())
 }

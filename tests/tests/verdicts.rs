@@ -724,6 +724,7 @@ fn nat64_destinations_follow_the_ipv4_rules_and_exempt_never_drops() {
     let settings = |prefixes: &[&str]| egress_deny_datapath::settings::DatapathSettings {
         judged_mark: 0,
         nat64_prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+        trust_pod_verdicts: false,
     };
     egress_deny_datapath::settings::write(
         &pins.layout,

@@ -119,10 +119,16 @@ pub struct Settings {
     /// exempted); a host interface's program passes forwarded packets carrying them
     /// without a second lookup. 0: off (every packet is judged wherever it passes).
     pub judged_mark: u32,
+    /// The mark a filtered pod's veth sets on what it allowed: `judged_mark` when pod
+    /// verdicts are trusted (`--trust-pod-verdicts`), else 0. Off by default: a
+    /// destination rewritten after the pod's veth (a Service DNAT'ed to an endpoint
+    /// outside the node) would not be judged again.
+    pub pod_mark: u32,
     /// How many of `nat64_prefixes` are in use.
     pub nat64_prefix_count: u32,
     /// The first 12 bytes (a /96) of each NAT64 prefix.
     pub nat64_prefixes: [[u8; 12]; MAX_NAT64_PREFIXES],
+    pub _pad: u32,
 }
 
 /// `DenyEvent::family` for an IP packet whose destination could not be read.
@@ -171,7 +177,7 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 4);
         assert_eq!(size_of::<CounterKey>(), 4);
         assert_eq!(size_of::<Counters>(), 56);
-        assert_eq!(size_of::<Settings>(), 56);
+        assert_eq!(size_of::<Settings>(), 64);
         assert_eq!(size_of::<DatapathConfig>(), 8);
         assert_eq!(size_of::<DenyEvent>(), 40);
     }

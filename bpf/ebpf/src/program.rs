@@ -99,8 +99,8 @@ pub fn egress_deny_exempt(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// One verdict per packet. At a pod's veth (tc ingress: the packet arrived on the
-/// interface we run on) the packet is judged and, when allowed, marked; at a host
+/// At a pod's veth (tc ingress: the packet arrived on the interface we run on) the
+/// packet is judged and, when allowed and pod verdicts are trusted, marked; at a host
 /// interface a forwarded packet carrying the mark was judged (or exempted) at its pod's
 /// veth and passes without a second lookup. A pod cannot forge the mark (the kernel
 /// clears it when the packet crosses from the pod's network namespace) and a locally
@@ -112,7 +112,9 @@ fn judge(ctx: &TcContext, decide: fn(&TcContext) -> Result<Verdict, Unreadable>)
         let skb = &*ctx.skb.skb;
         (skb.ifindex, skb.ingress_ifindex, skb.mark)
     };
-    let judged_mark = SETTINGS.get(0).map_or(0, |s| s.judged_mark);
+    let (judged_mark, pod_mark) = SETTINGS
+        .get(0)
+        .map_or((0, 0), |s| (s.judged_mark, s.pod_mark));
     let at_pod_veth = ingress_ifindex == ifindex;
     if judged_mark != 0 && !at_pod_veth && ingress_ifindex != 0 && mark & judged_mark == judged_mark
     {
@@ -120,8 +122,8 @@ fn judge(ctx: &TcContext, decide: fn(&TcContext) -> Result<Verdict, Unreadable>)
         return TC_ACT_UNSPEC;
     }
     let verdict = decide(ctx).unwrap_or(UNREADABLE);
-    if at_pod_veth && judged_mark != 0 && matches!(verdict, Verdict::Allow) {
-        ctx.set_mark(mark | judged_mark);
+    if at_pod_veth && pod_mark != 0 && matches!(verdict, Verdict::Allow) {
+        ctx.set_mark(mark | pod_mark);
     }
     finish(ctx, ifindex, verdict)
 }
@@ -207,19 +209,13 @@ fn decide_v6(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
 
 /// The prefix length of the IPv4 deny rule that decides the address embedded in
 /// `daddr`, when `daddr` is in one of the configured NAT64 /96 prefixes.
-#[inline(always)]
+#[inline(never)]
 fn nat64_deny(daddr: &[u8; 16]) -> Option<u8> {
     let settings = SETTINGS.get(0)?;
+    let count = settings.nat64_prefix_count as usize;
     let mut i = 0;
-    while i < MAX_NAT64_PREFIXES {
-        if i as u32 >= settings.nat64_prefix_count {
-            return None;
-        }
-        let prefix = &settings.nat64_prefixes[i];
-        if words(daddr, 0) == words12(prefix, 0)
-            && words(daddr, 4) == words12(prefix, 4)
-            && words(daddr, 8) == words12(prefix, 8)
-        {
+    while i < MAX_NAT64_PREFIXES && i < count {
+        if daddr[..12] == settings.nat64_prefixes[i] {
             let embedded = [daddr[12], daddr[13], daddr[14], daddr[15]];
             return match V4_RULES.get(Key::new(32, embedded)) {
                 Some(rule) if rule.is_deny() => Some(rule.prefix_len),
@@ -229,16 +225,6 @@ fn nat64_deny(daddr: &[u8; 16]) -> Option<u8> {
         i += 1;
     }
     None
-}
-
-#[inline(always)]
-fn words(bytes: &[u8; 16], at: usize) -> u32 {
-    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-#[inline(always)]
-fn words12(bytes: &[u8; 12], at: usize) -> u32 {
-    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 #[inline(always)]
