@@ -25,7 +25,7 @@ use egress_deny_datapath::{
     iface,
     loader::{self, MapOutcome},
     order::Verified,
-    paths::{PinLayout, StateLayout, host_link_ifname},
+    paths::{PinLayout, StateLayout, host_link_ifname, is_reorder_link_name},
     records::{AttachmentRecord, HostRecord},
 };
 use ipnet::IpNet;
@@ -804,8 +804,9 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
     };
     for entry in entries.flatten() {
         let pin = entry.path();
-        if moved_pins.contains(&pin) {
-            continue;
+        let name = entry.file_name();
+        if moved_pins.contains(&pin) || is_reorder_link_name(&name.to_string_lossy()) {
+            continue; // a re-order leftover is removed by the verifier
         }
         match egress_deny_datapath::order::ensure_first_and_current(layout, &pin) {
             Ok(Verified::Moved | Verified::Reordered) => {
