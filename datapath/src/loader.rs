@@ -147,17 +147,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
         maps.push((spec.name, outcome));
     }
 
-    let mut loader = EbpfLoader::new();
-    let map_paths: Vec<_> = MAP_SPECS
-        .iter()
-        .map(|s| (s.name, layout.map(s.name)))
-        .collect();
-    for (name, path) in &map_paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|e| Error::Load(Box::new(e)))?;
+    let mut ebpf = load_object(layout)?;
 
     let pinned_rules = crate::rules::rule_map_ids(layout)?;
     let staged = in_use
@@ -206,17 +196,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
 /// attaches this copy first, drops the old link, then switches the new link to the
 /// program in use (see `order`). Only while nothing is staged: it reads the pinned maps.
 pub fn load_copy(layout: &PinLayout, kind: ProgramKind) -> Result<std::os::fd::OwnedFd> {
-    let mut loader = EbpfLoader::new();
-    let map_paths: Vec<_> = MAP_SPECS
-        .iter()
-        .map(|s| (s.name, layout.map(s.name)))
-        .collect();
-    for (name, path) in &map_paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|e| Error::Load(Box::new(e)))?;
+    let mut ebpf = load_object(layout)?;
     let program: &mut SchedClassifier = ebpf
         .program_mut(kind.name())
         .ok_or_else(|| Error::Invalid(format!("program {} missing from object", kind.name())))?
@@ -232,6 +212,22 @@ pub fn load_copy(layout: &PinLayout, kind: ProgramKind) -> Result<std::os::fd::O
         .try_clone_to_owned()
         .map_err(|e| Error::io("duplicating the program fd", e))?;
     Ok(fd)
+}
+
+/// The embedded object, its maps bound to the pins under `layout` (created there when
+/// missing, reused otherwise; compatibility is checked by `load_and_pin` first).
+fn load_object(layout: &PinLayout) -> Result<aya::Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<_> = MAP_SPECS
+        .iter()
+        .map(|s| (s.name, layout.map(s.name)))
+        .collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))
 }
 
 /// IDs of the maps the pinned (in use) Ethernet program reads; `None` when no program

@@ -27,6 +27,33 @@ fn node_with_bridge() -> Result<(CniNode, InstallerDirs, std::path::PathBuf)> {
     Ok((node, dirs, conflist))
 }
 
+/// Pins a new, empty v4 rule map (LPM trie, key 8, value 4) of `entries` at `path`,
+/// where the old one's pin was removed: what another version (a different size) or a
+/// daemon killed right after creating the replacement (the same size) leaves behind.
+fn pin_v4_map_in_place_of(path: &std::path::Path, entries: impl ToString) -> Result<()> {
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &path.display().to_string(),
+            "type",
+            "lpm_trie",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            &entries.to_string(),
+            "name",
+            "v4_rules",
+            "flags",
+            "1",
+        ],
+    )?;
+    Ok(())
+}
+
 fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
     Ok(pinned_program(&dirs.layout(), ProgramKind::Ethernet)?.1)
 }
@@ -51,26 +78,7 @@ fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> 
     // The old program keeps its map (the kernel holds it); the pin now names another.
     let v4 = dirs.layout().map(V4_RULES_MAP);
     std::fs::remove_file(&v4)?;
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &v4.display().to_string(),
-            "type",
-            "lpm_trie",
-            "key",
-            "8",
-            "value",
-            "4",
-            "entries",
-            "1024",
-            "name",
-            "v4_rules",
-            "flags",
-            "1",
-        ],
-    )?;
+    pin_v4_map_in_place_of(&v4, 1024)?;
     dirs.publish_rules(&[("rules", b"198.51.100.0/33\n")])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     wait_until("the broken rules rejected", Duration::from_secs(20), || {
@@ -147,26 +155,7 @@ fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
     std::fs::remove_file(&v4)?;
     // Compatible with this version, but empty: what a daemon killed right after
     // creating the replacement leaves behind.
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &v4.display().to_string(),
-            "type",
-            "lpm_trie",
-            "key",
-            "8",
-            "value",
-            "4",
-            "entries",
-            &egress_deny_common::MAX_RULES_PER_FAMILY.to_string(),
-            "name",
-            "v4_rules",
-            "flags",
-            "1",
-        ],
-    )?;
+    pin_v4_map_in_place_of(&v4, egress_deny_common::MAX_RULES_PER_FAMILY)?;
     dirs.publish_rules(&[("rules", b"not a rule\n")])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
     wait_until("the broken rules rejected", Duration::from_secs(20), || {
@@ -668,26 +657,7 @@ fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result
     installer.stop()?;
     let v4 = dirs.layout().map(V4_RULES_MAP);
     std::fs::remove_file(&v4)?;
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &v4.display().to_string(),
-            "type",
-            "lpm_trie",
-            "key",
-            "8",
-            "value",
-            "4",
-            "entries",
-            "64",
-            "name",
-            "v4_rules",
-            "flags",
-            "1",
-        ],
-    )?;
+    pin_v4_map_in_place_of(&v4, 64)?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     installer.wait_ready()?;
     let now = program_in_use(&dirs)?;
