@@ -7,6 +7,7 @@ mod node;
 mod plan;
 mod repair;
 mod rules;
+mod rules_tools;
 mod status;
 mod sync;
 mod uninstall;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         cli::Command::Uninstall(args) => uninstall::run(args).map(|()| 0),
         cli::Command::Status(args) => status::run_status(args),
         cli::Command::Lookup(args) => status::run_lookup(args).map(|()| 0),
+        cli::Command::Rules(command) => rules_tools::run(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),

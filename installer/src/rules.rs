@@ -502,7 +502,7 @@ fn for_each_line(path: &Path, f: &mut dyn FnMut(usize, &[u8])) -> io::Result<()>
     }
 }
 
-fn open(path: &Path) -> io::Result<Box<dyn Read>> {
+pub(crate) fn open(path: &Path) -> io::Result<Box<dyn Read>> {
     let file = File::open(path)?;
     Ok(if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
@@ -647,7 +647,7 @@ fn parse_range(text: &str, first: &str, last: &str) -> Result<Rule, String> {
 /// (see `fast_v4`) with host bits clear, then only whitespace or a comment. `None`
 /// means "not that simple": the caller takes the general path (`split_rule` +
 /// `parse_rule`), which decides everything this does not, errors included.
-fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
+pub(crate) fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
     let mut i = 0;
     while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
         i += 1;
@@ -712,7 +712,7 @@ fn fast_v4(text: &[u8]) -> Option<(u32, u8)> {
     (i == text.len()).then_some((addr, len))
 }
 
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+pub(crate) const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Lines are read in blocks of about this size, cut at a newline.
 const BLOCK: usize = 1 << 20;
