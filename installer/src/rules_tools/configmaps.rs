@@ -249,8 +249,21 @@ fn scalar(v: &Value) -> Option<String> {
         Value::Object(m) if m.is_empty() => Some("{}".into()),
         Value::Array(a) if a.is_empty() => Some("[]".into()),
         Value::Object(_) | Value::Array(_) => None,
+        Value::String(s) if plain(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
+}
+
+/// Strings left unquoted for readability: a letter first (never a number, in YAML 1.1
+/// or 1.2), then only name characters, and not one of YAML 1.1's booleans or null.
+fn plain(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "y" | "n" | "yes" | "no" | "on" | "off" | "true" | "false" | "null"
+        )
 }
 
 fn key(k: &str) -> String {
@@ -295,5 +308,193 @@ fn emit(v: &Value, indent: usize, out: &mut String) {
             }
         }
         other => out.push_str(&format!("{pad}{other}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::atomic::AtomicBool};
+
+    use super::*;
+    use crate::rules::{self, Limits};
+
+    /// A list like the published benchmark's mix (89% /32, 10% /24, 1% /16), some IPv6
+    /// and exceptions.
+    fn feed(n: usize, seed: u64) -> String {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut text = String::from("# a feed\n");
+        for i in 0..n {
+            let r = next();
+            let a = std::net::Ipv4Addr::from((r >> 32) as u32);
+            let line = match r % 100 {
+                0..89 => format!("{a}"),
+                89..99 => format!("{}/24", std::net::Ipv4Addr::from(u32::from(a) & !0xff)),
+                _ => format!("{}/16", std::net::Ipv4Addr::from(u32::from(a) & !0xffff)),
+            };
+            text.push_str(&line);
+            text.push('\n');
+            if i % 50 == 0 {
+                text.push_str(&format!("2001:db8:{:x}::/48\n", r & 0xffff));
+            }
+            if i % 97 == 0 {
+                // /25s are never denied here: no deny-and-allow conflict.
+                let net = std::net::Ipv4Addr::from(((r >> 32) as u32 & !0xff) | 0x80);
+                text.push_str(&format!("!{net}/25 ; exception\n"));
+            }
+        }
+        text
+    }
+
+    fn parse_text(text: &str) -> RuleSet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("feed"), text).unwrap();
+        let files = rules::rule_files(dir.path()).unwrap();
+        rules::parse_files(&files, &Limits::default(), &AtomicBool::new(false))
+            .unwrap()
+            .rules
+    }
+
+    /// What kubelet does with a projected volume of these ConfigMaps: every binaryData
+    /// key decoded into a timestamped directory, `..data` pointing at it, one symlink
+    /// per key.
+    fn kubelet_dir(configmaps: &[Value]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let stamp = dir.path().join("..2026_11_22_10_00_00.123");
+        std::fs::create_dir(&stamp).unwrap();
+        for cm in configmaps {
+            for (key, value) in cm["binaryData"].as_object().unwrap() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(value.as_str().unwrap())
+                    .unwrap();
+                std::fs::write(stamp.join(key), bytes).unwrap();
+                std::os::unix::fs::symlink(format!("..data/{key}"), dir.path().join(key)).unwrap();
+            }
+        }
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.123", dir.path().join("..data")).unwrap();
+        dir
+    }
+
+    fn generate(rules: &RuleSet, max: usize) -> Vec<Value> {
+        let chunks = chunks(rules, max).unwrap();
+        manifests(
+            "feed",
+            "kube-system",
+            "egress-deny",
+            &["egress-deny-rules".into()],
+            &chunks,
+        )
+        .unwrap()
+        .configmaps
+    }
+
+    #[test]
+    fn round_trip_through_a_kubelet_rules_dir_gives_the_same_rule_set() {
+        let input = parse_text(&feed(60_000, 7));
+        let max = 64 * 1024;
+        let configmaps = generate(&input, max);
+        assert!(configmaps.len() >= 4, "{}", configmaps.len());
+        for cm in &configmaps {
+            for v in cm["binaryData"].as_object().unwrap().values() {
+                assert!(v.as_str().unwrap().len() <= max);
+            }
+        }
+        let dir = kubelet_dir(&configmaps);
+        let files = rules::rule_files(dir.path()).unwrap();
+        assert_eq!(files.len(), configmaps.len());
+        let back = rules::parse_files(&files, &Limits::default(), &AtomicBool::new(false)).unwrap();
+        assert_eq!(back.rules, input);
+        assert!(input.counts().v4_allow > 0 && input.counts().v6_deny > 0);
+    }
+
+    #[test]
+    fn the_same_input_gives_byte_identical_output() {
+        // Different order, duplicates, comments: the same rule set, the same bytes.
+        let text = feed(5_000, 3);
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.reverse();
+        let shuffled = lines.join("\n") + "\n# another comment\n" + &lines[..100].join("\n");
+        let a = to_yaml(&generate(&parse_text(&text), 8192), "h");
+        let b = to_yaml(&generate(&parse_text(&shuffled), 8192), "h");
+        assert_eq!(a, b);
+        // The gzip header carries no time or name.
+        let g = gzip(b"10.0.0.0/8\n");
+        assert_eq!(&g[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 255]);
+    }
+
+    /// One prefix added and one removed: only the ConfigMaps of their blocks change.
+    #[test]
+    fn a_small_change_changes_few_configmaps() {
+        let text = feed(60_000, 11);
+        let before = generate(&parse_text(&text), 32 * 1024);
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.remove(30_000);
+        let edited = lines.join("\n") + "\n203.0.113.77\n";
+        let after = generate(&parse_text(&edited), 32 * 1024);
+        let by_name = |cms: &[Value]| -> BTreeMap<String, Value> {
+            cms.iter()
+                .map(|c| {
+                    (
+                        c["metadata"]["name"].as_str().unwrap().to_owned(),
+                        c.clone(),
+                    )
+                })
+                .collect()
+        };
+        let (b, a) = (by_name(&before), by_name(&after));
+        let changed = b.iter().filter(|(n, c)| a.get(*n) != Some(c)).count()
+            + a.keys().filter(|n| !b.contains_key(*n)).count();
+        assert!(b.len() >= 10, "{}", b.len());
+        assert!(
+            (1..=4).contains(&changed),
+            "{changed} of {} ConfigMaps changed",
+            b.len()
+        );
+    }
+
+    #[test]
+    fn names_and_the_patch() {
+        let rules = parse_text("10.0.0.0/8\n2001:db8::/32\n");
+        let chunks = chunks(&rules, DEFAULT_MAX_BYTES).unwrap();
+        let m = manifests(
+            "feed",
+            "ns",
+            "egress-deny",
+            &["local".into(), String::new()],
+            &chunks,
+        )
+        .unwrap();
+        let names: Vec<&str> = m
+            .configmaps
+            .iter()
+            .map(|c| c["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["feed-v4-0.0.0.0-0", "feed-v6-0.0.0.0.0.0.0.0-0"]);
+        let sources = &m.patch["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"];
+        assert_eq!(sources.as_array().unwrap().len(), 3);
+        assert_eq!(sources[0]["configMap"]["name"], "local");
+        assert!(manifests("Feed", "ns", "ds", &[], &chunks).is_err());
+        assert!(manifests("feed-", "ns", "ds", &[], &chunks).is_err());
+        assert!(super::chunks(&rules, 100).is_err());
+        assert_eq!(
+            block_name(0x2001_0db8 << 96, 32, 128),
+            "v6-2001.db8.0.0.0.0.0.0-32"
+        );
+        assert_eq!(block_name(0x0a00_0000, 8, 32), "v4-10.0.0.0-8");
+    }
+
+    #[test]
+    fn yaml_quotes_what_would_not_read_back_as_a_string() {
+        let doc = json!({"a": "v1", "b": "10", "c": "yes", "d": "1e5", "e": "x: y", "f": [], "g": {"h": [{"i": 1, "j": "k"}]}, "l": "+AB/="});
+        let y = to_yaml(&[doc], "");
+        assert_eq!(
+            y,
+            "a: v1\nb: \"10\"\nc: \"yes\"\nd: \"1e5\"\ne: \"x: y\"\nf: []\ng:\n  h:\n    - i: 1\n      j: k\nl: \"+AB/=\"\n"
+        );
     }
 }
