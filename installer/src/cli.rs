@@ -185,6 +185,15 @@ pub struct RunArgs {
     /// (comma-separated; empty: none).
     #[arg(long, env = "EGRESS_DENY_NAT64_PREFIXES", default_value = "64:ff9b::/96", value_parser = parse_nat64_list)]
     pub nat64_prefixes: Nat64List,
+    /// Log lines as text, or as one JSON object per line (time, level, message; deny
+    /// events also namespace, pod, interface, destination, rule, bytes) for log pipelines.
+    #[arg(
+        long,
+        env = "EGRESS_DENY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -2,6 +2,7 @@
 mod cli;
 mod conflist;
 mod daemon;
+mod logging;
 mod metrics;
 mod node;
 mod plan;
@@ -18,10 +19,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = cli::Cli::parse();
+    logging::init(match &cli.command {
+        cli::Command::Run(args) => args.log_format,
+        _ => logging::LogFormat::Text,
+    });
     let result = match &cli.command {
         cli::Command::Run(args) => daemon::run(args).map(|()| 0),
         cli::Command::Uninstall(args) => uninstall::run(args).map(|()| 0),
