@@ -11,6 +11,7 @@ APT_PKGS=(
   containernetworking-plugins golang-go golang-github-appc-cni-dev
   ipset iptables socat ncat procps psmisc kmod
   podman runc file curl python3-venv strace
+  prometheus  # promtool: conf/kubernetes/prometheusrule.yaml (check rules, test rules)
 )
 
 missing=()

@@ -28,6 +28,73 @@ pub enum Command {
     Status(StateArgs),
     /// How the live maps decide each address.
     Lookup(LookupArgs),
+    /// Offline tools for rule lists (no node needed): validate, make ConfigMaps.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RulesCommand {
+    /// Validate rule files or rules directories with the daemon's parser: every error
+    /// with file and line, counts per family; exit 1 on any error (a CI step).
+    Check(CheckArgs),
+    /// Turn rule lists into gzip ConfigMaps under the size limit (deterministic), and
+    /// the DaemonSet patch that mounts them all into the rules volume.
+    Configmaps(ConfigmapsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Rule files, or directories read as the daemon reads its rules directory
+    /// (kubelet's `..data` layout, hidden entries skipped); all together are one update.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// One JSON document on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ManifestFormat {
+    /// Multi-document YAML.
+    Yaml,
+    /// One JSON `List`.
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigmapsArgs {
+    /// Prefix of the ConfigMaps' names (each gets the address block it holds appended).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, default_value = "kube-system")]
+    pub namespace: String,
+    /// Upper bound on each ConfigMap's `binaryData` as stored (base64); the default
+    /// leaves 128 KiB of the API server's 1 MiB for the rest of the object.
+    #[arg(long, default_value_t = crate::rules_tools::configmaps::DEFAULT_MAX_BYTES)]
+    pub max_bytes: usize,
+    #[arg(long, value_enum, default_value = "yaml")]
+    pub output: ManifestFormat,
+    /// Also write a strategic-merge patch of the DaemonSet that mounts exactly these
+    /// ConfigMaps (and the `--also-mount` ones) as the rules volume: a kustomize
+    /// `patches:` entry, or `kubectl patch daemonset --patch-file`.
+    #[arg(long)]
+    pub patch: Option<PathBuf>,
+    /// The DaemonSet the patch targets.
+    #[arg(long, default_value = "egress-deny")]
+    pub daemonset: String,
+    /// Other ConfigMaps the rules volume keeps (repeat; empty: none). Default: the
+    /// base kustomization's own list, for local exceptions.
+    #[arg(long, default_values_t = ["egress-deny-rules".to_owned()])]
+    pub also_mount: Vec<String>,
+    /// Rule files or rules directories (any format `rules check` accepts); the
+    /// ConfigMaps hold them normalised: one prefix per line, sorted, duplicates dropped.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -125,6 +192,15 @@ pub struct RunArgs {
     /// (comma-separated; empty: none).
     #[arg(long, env = "EGRESS_DENY_NAT64_PREFIXES", default_value = "64:ff9b::/96", value_parser = parse_nat64_list)]
     pub nat64_prefixes: Nat64List,
+    /// Log lines as text, or as one JSON object per line (time, level, message; deny
+    /// events also namespace, pod, interface, destination, rule, bytes) for log pipelines.
+    #[arg(
+        long,
+        env = "EGRESS_DENY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -2,11 +2,13 @@
 mod cli;
 mod conflist;
 mod daemon;
+mod logging;
 mod metrics;
 mod node;
 mod plan;
 mod repair;
 mod rules;
+mod rules_tools;
 mod status;
 mod sync;
 mod uninstall;
@@ -17,15 +19,17 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = cli::Cli::parse();
+    logging::init(match &cli.command {
+        cli::Command::Run(args) => args.log_format,
+        _ => logging::LogFormat::Text,
+    });
     let result = match &cli.command {
         cli::Command::Run(args) => daemon::run(args).map(|()| 0),
         cli::Command::Uninstall(args) => uninstall::run(args).map(|()| 0),
         cli::Command::Status(args) => status::run_status(args),
         cli::Command::Lookup(args) => status::run_lookup(args).map(|()| 0),
+        cli::Command::Rules(command) => rules_tools::run(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),

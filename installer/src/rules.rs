@@ -2,9 +2,10 @@
 //! them (streaming, in blocks, on several threads) into compact sorted sets, and
 //! noticing cheaply when nothing changed.
 //!
-//! Format (one entry per line): `CIDR` or a bare address denies, `!CIDR` is an
-//! allow-exception, `#` starts a comment, blank lines and surrounding whitespace are
-//! ignored. Files whose name ends in `.gz` are gzip-compressed. Hidden entries (`.x`,
+//! Format (one entry per line): `CIDR`, a bare address or an address range `A-B` (the
+//! exact minimal set of prefixes covering it) denies, `!` before any of them makes it an
+//! allow-exception, `#` or `;` (Spamhaus DROP) starts a comment, blank lines and
+//! surrounding whitespace are ignored. Files whose name ends in `.gz` are gzip-compressed. Hidden entries (`.x`,
 //! kubelet's `..data`) are skipped; symlinks (kubelet's ConfigMap layout) are followed.
 //! Host bits set, an unparsable line, or one prefix listed as both deny and allow reject
 //! the whole update, naming file and line.
@@ -462,7 +463,7 @@ fn locate_conflict(files: &[PathBuf], prefix: IpNet, cancel: &AtomicBool) -> Rul
         let name = shown(file);
         let _ = for_each_line(file, &mut |line_no, line| {
             if let Some((Ok(rule), action)) = split_rule(line).map(|(a, t)| (parse_rule(t), a))
-                && rule.net() == prefix
+                && rule.covers_exactly(prefix)
             {
                 let at = format!("{name}:{line_no}");
                 match action {
@@ -501,7 +502,7 @@ fn for_each_line(path: &Path, f: &mut dyn FnMut(usize, &[u8])) -> io::Result<()>
     }
 }
 
-fn open(path: &Path) -> io::Result<Box<dyn Read>> {
+pub(crate) fn open(path: &Path) -> io::Result<Box<dyn Read>> {
     let file = File::open(path)?;
     Ok(if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
@@ -512,24 +513,70 @@ fn open(path: &Path) -> io::Result<Box<dyn Read>> {
 
 /// A parsed rule line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rule {
+pub(crate) enum Rule {
     V4(u32, u8),
     V6(u128, u8),
+    /// `A-B`, first and last address included, start ≤ end.
+    Range4(u32, u32),
+    Range6(u128, u128),
 }
 
 impl Rule {
-    fn net(self) -> IpNet {
+    /// Calls `f` with each prefix of the rule: itself, or a range's minimal prefix set.
+    pub(crate) fn for_each_prefix(self, mut f: impl FnMut(IpNet)) {
         match self {
-            Rule::V4(a, l) => a.to_net(l),
-            Rule::V6(a, l) => a.to_net(l),
+            Rule::V4(a, l) => f(a.to_net(l)),
+            Rule::V6(a, l) => f(a.to_net(l)),
+            Rule::Range4(start, end) => {
+                range_prefixes(start.into(), end.into(), 32, |a, l| f((a as u32).to_net(l)))
+            }
+            Rule::Range6(start, end) => range_prefixes(start, end, 128, |a, l| f(a.to_net(l))),
         }
+    }
+
+    /// Whether `prefix` is one of the rule's prefixes.
+    fn covers_exactly(self, prefix: IpNet) -> bool {
+        let mut found = false;
+        self.for_each_prefix(|n| found |= n == prefix);
+        found
     }
 }
 
-/// The rule part of a line: comment and surrounding whitespace removed, `!` split off.
+/// The fewest aligned prefixes that cover exactly `start..=end` of a `bits`-bit address
+/// space (at most 2 × `bits`), in address order: at each step the largest block that
+/// starts at `start` (its alignment) and does not run past `end`.
+pub(crate) fn range_prefixes(mut start: u128, end: u128, bits: u32, mut f: impl FnMut(u128, u8)) {
+    debug_assert!(start <= end && (bits == 128 || end >> bits == 0));
+    loop {
+        let align = if start == 0 {
+            bits
+        } else {
+            start.trailing_zeros().min(bits)
+        };
+        // floor(log2(end - start + 1)), without overflowing on the whole IPv6 space.
+        let fit = match (end - start).checked_add(1) {
+            Some(count) => 127 - count.leading_zeros(),
+            None => 128,
+        };
+        let k = align.min(fit);
+        f(start, (bits - k) as u8);
+        let last = if k == 128 {
+            u128::MAX
+        } else {
+            start + ((1u128 << k) - 1)
+        };
+        if last >= end {
+            return;
+        }
+        start = last + 1;
+    }
+}
+
+/// The rule part of a line: comment (`#`, or `;` as in Spamhaus DROP) and surrounding
+/// whitespace removed, `!` split off.
 /// `None` for blank and comment-only lines.
-fn split_rule(line: &[u8]) -> Option<(Action, &[u8])> {
-    let line = match memchr::memchr(b'#', line) {
+pub(crate) fn split_rule(line: &[u8]) -> Option<(Action, &[u8])> {
+    let line = match memchr::memchr2(b'#', b';', line) {
         Some(i) => &line[..i],
         None => line,
     };
@@ -542,7 +589,7 @@ fn split_rule(line: &[u8]) -> Option<(Action, &[u8])> {
 
 /// Parses one rule: a fast path for canonical IPv4 (the bulk of every list), the
 /// standard parsers for everything else (and for every error message).
-fn parse_rule(text: &[u8]) -> Result<Rule, String> {
+pub(crate) fn parse_rule(text: &[u8]) -> Result<Rule, String> {
     if let Some((addr, len)) = fast_v4(text)
         && mask4(addr, len) == addr
     {
@@ -551,6 +598,10 @@ fn parse_rule(text: &[u8]) -> Result<Rule, String> {
     let text = std::str::from_utf8(text)
         .map_err(|_| "not valid UTF-8".to_owned())?
         .trim();
+    // No address or CIDR contains a `-`.
+    if let Some((first, last)) = text.split_once('-') {
+        return parse_range(text, first.trim(), last.trim());
+    }
     let net = if text.contains('/') {
         let net =
             IpNet::from_str(text).map_err(|_| format!("{text:?} is not a CIDR or address"))?;
@@ -572,11 +623,31 @@ fn parse_rule(text: &[u8]) -> Result<Rule, String> {
     })
 }
 
+/// `A-B`: two addresses of one family, A ≤ B (a reversed range is a typo, not an empty
+/// set: an error rather than silently denying nothing).
+fn parse_range(text: &str, first: &str, last: &str) -> Result<Rule, String> {
+    let addr = |s: &str| {
+        IpAddr::from_str(s).map_err(|_| {
+            format!("{text:?} is not a range (A-B, two addresses): {s:?} is not an address")
+        })
+    };
+    match (addr(first)?, addr(last)?) {
+        (IpAddr::V4(a), IpAddr::V4(b)) if a <= b => Ok(Rule::Range4(a.into(), b.into())),
+        (IpAddr::V6(a), IpAddr::V6(b)) if a <= b => Ok(Rule::Range6(a.into(), b.into())),
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => Err(format!(
+            "range {first}-{last} runs backwards: its start is above its end"
+        )),
+        _ => Err(format!(
+            "range {first}-{last} mixes IPv4 and IPv6 addresses"
+        )),
+    }
+}
+
 /// The common line in one pass: optional whitespace, optional `!`, canonical IPv4
 /// (see `fast_v4`) with host bits clear, then only whitespace or a comment. `None`
 /// means "not that simple": the caller takes the general path (`split_rule` +
 /// `parse_rule`), which decides everything this does not, errors included.
-fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
+pub(crate) fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
     let mut i = 0;
     while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
         i += 1;
@@ -599,7 +670,7 @@ fn fast_line(line: &[u8]) -> Option<(Action, u32, u8)> {
         return None;
     }
     match line[i..].iter().find(|b| !b.is_ascii_whitespace()) {
-        None | Some(b'#') => Some((action, addr, len)),
+        None | Some(b'#' | b';') => Some((action, addr, len)),
         Some(_) => None,
     }
 }
@@ -641,7 +712,7 @@ fn fast_v4(text: &[u8]) -> Option<(u32, u8)> {
     (i == text.len()).then_some((addr, len))
 }
 
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+pub(crate) const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Lines are read in blocks of about this size, cut at a newline.
 const BLOCK: usize = 1 << 20;
@@ -963,6 +1034,7 @@ fn parse_blocks(
                 match parse_rule(text) {
                     Ok(Rule::V4(addr, len)) => out.v4.push(Entry { addr, len, action }),
                     Ok(Rule::V6(addr, len)) => out.v6.push(Entry { addr, len, action }),
+                    Ok(range) => range.for_each_prefix(|net| push_net(&mut out, net, action)),
                     Err(message) => {
                         if out.error.is_none() {
                             out.error = Some((block.file, block.seq, lines, message));
@@ -987,6 +1059,21 @@ fn parse_blocks(
         parsed_rules.fetch_add(entries - counted, Ordering::Relaxed);
         counted = entries;
         let _ = spares.send(block.data);
+    }
+}
+
+fn push_net(out: &mut Output, net: IpNet, action: Action) {
+    match net {
+        IpNet::V4(n) => out.v4.push(Entry {
+            addr: n.network().into(),
+            len: n.prefix_len(),
+            action,
+        }),
+        IpNet::V6(n) => out.v6.push(Entry {
+            addr: n.network().into(),
+            len: n.prefix_len(),
+            action,
+        }),
     }
 }
 
@@ -1089,7 +1176,11 @@ mod tests {
 
     #[test]
     fn fast_line_agrees_with_the_general_path() {
-        let lines: [&[u8]; 14] = [
+        let lines: [&[u8]; 18] = [
+            b"1.10.16.0/20 ; SBL256894\n",
+            b"1.10.16.0/20;SBL256894",
+            b"1.2.3.4-1.2.3.5",
+            b"; 1.2.3.4",
             b"1.2.3.4\n",
             b"  !  10.0.0.0/8  # x\r\n",
             b"\t1.2.3.0/24#c",
@@ -1119,6 +1210,157 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn feed_formats_spamhaus_firehol_and_ranges() {
+        let spamhaus = b"; Spamhaus DROP List 2026/11/22 - (c) 2026 The Spamhaus Project SLR\n; Last-Modified: Sun, 22 Nov 2026 10:00:00 GMT\n1.10.16.0/20 ; SBL256894\n2.56.192.0/22;SBL459831\n2001:db8:4000::/36 ; SBL123\n";
+        let firehol = b"#\n# firehol_level1\n#\n0.0.0.0/8\n1.19.0.0/16\n5.134.128.1\n";
+        let ranges = b"10.0.0.1-10.0.0.6\n 192.0.2.0 - 192.0.2.255 # spaces are fine\n!10.0.0.4-10.0.0.4 ; an exception\n2001:db8::-2001:db8::ff\n";
+        let dir = dir_with(&[
+            ("drop.txt", spamhaus),
+            ("level1.netset", firehol),
+            ("r", ranges),
+        ]);
+        let parsed = parse_dir(dir.path()).unwrap();
+        let nets = |action| -> Vec<String> {
+            let v4 = parsed
+                .rules
+                .v4
+                .iter()
+                .filter(|e| e.action == action)
+                .map(|e| e.addr.to_net(e.len));
+            let v6 = parsed
+                .rules
+                .v6
+                .iter()
+                .filter(|e| e.action == action)
+                .map(|e| e.addr.to_net(e.len));
+            v4.chain(v6).map(|n| n.to_string()).collect()
+        };
+        assert_eq!(
+            nets(Action::Deny),
+            [
+                "0.0.0.0/8",
+                "1.10.16.0/20",
+                "1.19.0.0/16",
+                "2.56.192.0/22",
+                "5.134.128.1/32",
+                "10.0.0.1/32",
+                "10.0.0.2/31",
+                "10.0.0.4/31",
+                "10.0.0.6/32",
+                "192.0.2.0/24",
+                "2001:db8::/120",
+                "2001:db8:4000::/36",
+            ]
+        );
+        assert_eq!(nets(Action::Allow), ["10.0.0.4/32"]);
+
+        // Errors name file and line; a reversed range is not an empty one.
+        for (text, wanted) in [
+            (
+                &b"1.1.1.1\n10.0.0.9-10.0.0.1\n"[..],
+                "r:2: range 10.0.0.9-10.0.0.1 runs backwards",
+            ),
+            (
+                b"2001:db8::ff-2001:db8::1\n",
+                "r:1: range 2001:db8::ff-2001:db8::1 runs backwards",
+            ),
+            (
+                b"# x\n\n10.0.0.1-2001:db8::1\n",
+                "r:3: range 10.0.0.1-2001:db8::1 mixes IPv4 and IPv6",
+            ),
+            (
+                b"10.0.0.0/8-10.1.0.0\n",
+                "r:1: \"10.0.0.0/8-10.1.0.0\" is not a range",
+            ),
+            (b"10.0.0.1-\n", "r:1: \"10.0.0.1-\" is not a range"),
+        ] {
+            let dir = dir_with(&[("r", text)]);
+            let err = parse_dir(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{err}");
+        }
+        // A range's prefix both denied and allowed elsewhere is located on its line.
+        let dir = dir_with(&[("a", b"10.0.0.2/31\n"), ("b", b"!10.0.0.0-10.0.0.3\n")]);
+        assert!(
+            parse_dir(dir.path()).is_ok(),
+            "10.0.0.0/30 is not 10.0.0.2/31"
+        );
+        let dir = dir_with(&[("a", b"10.0.0.2/31\n"), ("b", b"# x\n!10.0.0.1-10.0.0.3\n")]);
+        let err = parse_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("a:1") && err.contains("b:2"), "{err}");
+    }
+
+    /// The samples under conf/examples/feeds/ parse (conf/README.md shows `rules check` on them).
+    #[test]
+    fn the_feed_samples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/examples/feeds");
+        let files: Vec<PathBuf> = rule_files(&dir)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.extension().is_none_or(|e| e != "md"))
+            .collect();
+        assert_eq!(files.len(), 3, "{files:?}");
+        let parsed = parse_files(&files, &Limits::default(), &AtomicBool::new(false)).unwrap();
+        let c = parsed.rules.counts();
+        assert_eq!(
+            (c.v4_deny, c.v4_allow, c.v6_deny, c.v6_allow),
+            (12, 1, 2, 0)
+        );
+    }
+
+    /// Brute force on random ranges: the prefixes are aligned, contiguous and exactly
+    /// cover the range, and minimal (no two neighbours merge into one aligned prefix).
+    #[test]
+    fn ranges_become_the_exact_minimal_prefix_set() {
+        fn check(start: u128, end: u128, bits: u32) -> Vec<(u128, u8)> {
+            let mut out = Vec::new();
+            range_prefixes(start, end, bits, |a, l| out.push((a, l)));
+            let size = |l: u8| -> u128 {
+                let k = bits - u32::from(l);
+                if k == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << k) - 1
+                }
+            };
+            let mut next = start;
+            for &(a, l) in &out {
+                assert_eq!(a, next, "{start}-{end}: {out:?}");
+                assert_eq!(a & size(l), 0, "unaligned {a}/{l}");
+                next = a.wrapping_add(size(l)).wrapping_add(1);
+            }
+            assert_eq!(next.wrapping_sub(1), end, "{start}-{end}: {out:?}");
+            for w in out.windows(2) {
+                let ((a, l), (_, m)) = (w[0], w[1]);
+                let mergeable = l == m && l > 0 && a & (size(l - 1)) == 0;
+                assert!(!mergeable, "{start}-{end}: {out:?} not minimal");
+            }
+            assert!(out.len() <= 2 * bits as usize);
+            out
+        }
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..20_000 {
+            let (a, b) = (rnd() as u32 >> (rnd() % 32), rnd() as u32 >> (rnd() % 32));
+            check(a.min(b).into(), a.max(b).into(), 32);
+            let (a, b) = (
+                u128::from(rnd()) << 64 | u128::from(rnd()),
+                u128::from(rnd()) << 64 | u128::from(rnd()),
+            );
+            check(a.min(b), a.max(b), 128);
+        }
+        assert_eq!(check(0, u32::MAX.into(), 32), [(0, 0)]);
+        assert_eq!(check(0, u128::MAX, 128), [(0, 0)]);
+        assert_eq!(check(7, 7, 32), [(7, 32)]);
+        assert_eq!(check(1, u128::MAX, 128).len(), 128);
+        assert_eq!(check(1, u32::MAX as u128 - 1, 32).len(), 62);
     }
 
     #[test]
