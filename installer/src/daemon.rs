@@ -24,6 +24,7 @@ use egress_deny_datapath::{
     events::{self, EventReader},
     iface,
     loader::{self, MapOutcome},
+    netlink,
     order::Verified,
     paths::{PinLayout, StateLayout, host_link_ifname, is_reorder_link_name},
     records::{AttachmentRecord, HostRecord},
@@ -52,8 +53,14 @@ const TICK: Duration = Duration::from_secs(2);
 
 enum Event {
     Changed,
+    /// A link or tc object (qdisc, filter) changed: re-verify the attachments.
+    Datapath,
     Stop,
 }
+
+/// Quiet time after a link/tc notification before re-verifying: changes come in bursts
+/// (a pod's veth pair, a qdisc and its filters).
+const DATAPATH_DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// State the HTTP endpoints read.
 pub struct Shared {
@@ -189,6 +196,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     shared.staged.store(report.staged, Ordering::Relaxed);
     *shared.not_started.lock().expect("lock state") = None;
     let (conf_tx, conf_rx) = mpsc::channel();
+    watch_datapath(conf_tx.clone());
     watch(&args.rules_dir, &args.cni.cni_conf_dir, rules_tx, conf_tx)?;
     log_deny_events(layout.clone(), state.clone());
     // The node side (conflist, host interfaces, repair) on its own thread: a sync of
@@ -214,6 +222,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let next = rules_due.map_or(next_tick, |due| due.min(next_tick));
         match rules_rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Ok(Event::Changed) => rules_due = Some(Instant::now() + RULES_DEBOUNCE),
+            Ok(Event::Datapath) => {} // the node thread's business
             Ok(Event::Stop) => {
                 log::info!("stopping; enforcement stays in place (use `uninstall` to remove it)");
                 return Ok(());
@@ -555,10 +564,17 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
     let mut host_links = attach_host_interfaces(args, layout, state, &HostLinks::default());
     set_host_interfaces(shared, args, &host_links);
     let mut conf_due: Option<Instant> = None;
+    let mut verify_due: Option<Instant> = None;
     let mut next_tick = Instant::now() + TICK;
     loop {
-        let next = conf_due.map_or(next_tick, |due| due.min(next_tick));
+        let next = [conf_due, verify_due]
+            .into_iter()
+            .flatten()
+            .fold(next_tick, Instant::min);
         match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(Event::Datapath) => {
+                verify_due.get_or_insert(Instant::now() + DATAPATH_DEBOUNCE);
+            }
             Ok(_) => {
                 // At once: a rewritten primary without our entry is what the runtime
                 // picks until we are back in it, so a debounce would be a window. Events
@@ -577,13 +593,29 @@ fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<Event>) {
             conf_due = None;
             ensure_conflist(args, shared, &mut conflist_error);
         }
+        if verify_due.is_some_and(|due| now >= due) {
+            verify_due = None;
+            if !shared.staged.load(Ordering::Relaxed) {
+                crate::verify::attachments(
+                    layout,
+                    state,
+                    &shared.repairs,
+                    crate::verify::Trigger::Notification,
+                );
+            }
+        }
         if now >= next_tick {
             next_tick = now + TICK;
             ensure_conflist(args, shared, &mut conflist_error);
             // Verified (and repairs counted) before the host attachments are
             // re-asserted, which would otherwise restore a lost filter silently.
             if !shared.staged.load(Ordering::Relaxed) {
-                crate::verify::attachments(layout, state, &shared.repairs);
+                crate::verify::attachments(
+                    layout,
+                    state,
+                    &shared.repairs,
+                    crate::verify::Trigger::Tick,
+                );
             }
             host_links = attach_host_interfaces(args, layout, state, &host_links);
             repair::clean_up_vanished(layout, state);
@@ -815,6 +847,32 @@ fn move_attachments_to_current_program(layout: &PinLayout, state: &StateLayout) 
             Ok(Verified::InPlace | Verified::Gone | Verified::Restored) => {}
             Err(e) => log::warn!("re-attaching {}: {e}", pin.display()),
         }
+    }
+}
+
+/// Link and tc notifications of the node's namespace → an attachment check (a deleted
+/// clsact qdisc or filter is restored within milliseconds rather than at the next
+/// tick; a TCX program attached ahead of ours sends no notification and waits for the
+/// tick).
+fn watch_datapath(tx: Sender<Event>) {
+    let watch = match netlink::ChangeWatch::open() {
+        Ok(watch) => watch,
+        Err(e) => {
+            log::warn!("no link/tc notifications ({e}); attachments are checked every tick");
+            return;
+        }
+    };
+    let spawned = thread::Builder::new()
+        .name("netlink".into())
+        .spawn(move || {
+            while watch.wait().is_ok() {
+                if tx.send(Event::Datapath).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no link/tc notifications ({e})");
     }
 }
 

@@ -12,8 +12,24 @@ use egress_deny_datapath::{
     records::{AttachmentRecord, HostRecord},
 };
 
-pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64) {
-    netlink_attachments(layout, state, repairs);
+/// What made the daemon check: said in the log of each repair.
+#[derive(Clone, Copy, Debug)]
+pub enum Trigger {
+    Tick,
+    Notification,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Tick => "periodic check",
+            Trigger::Notification => "on a link/tc notification",
+        }
+    }
+}
+
+pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64, trigger: Trigger) {
+    netlink_attachments(layout, state, repairs, trigger);
     let Ok(entries) = std::fs::read_dir(layout.links_dir()) else {
         return;
     };
@@ -32,7 +48,8 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64)
             Ok(Verified::Reordered) => {
                 repairs.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
-                    "another program was attached ahead of egress-deny ({name}); egress-deny is first again"
+                    "another program was attached ahead of egress-deny ({name}); egress-deny is first again ({})",
+                    trigger.as_str()
                 );
             }
             Ok(Verified::Moved) => {
@@ -47,7 +64,12 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64)
 
 /// cls_bpf attachments (kernels without TCX): present and on the program in use. A
 /// deleted filter or clsact qdisc is attached again.
-fn netlink_attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64) {
+fn netlink_attachments(
+    layout: &PinLayout,
+    state: &StateLayout,
+    repairs: &AtomicU64,
+    trigger: Trigger,
+) {
     let netlink = AttachMode::Netlink.as_str();
     let pods = AttachmentRecord::list(state)
         .unwrap_or_default()
@@ -70,8 +92,9 @@ fn netlink_attachments(layout: &PinLayout, state: &StateLayout, repairs: &Atomic
             Ok(Verified::Restored) => {
                 repairs.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
-                    "the egress-deny filter on {ifname} {} was gone (filter or clsact deleted); attached again",
-                    hook.as_str()
+                    "the egress-deny filter on {ifname} {} was gone (filter or clsact deleted); attached again ({})",
+                    hook.as_str(),
+                    trigger.as_str()
                 );
             }
             Ok(Verified::Moved) => {

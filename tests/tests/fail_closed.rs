@@ -781,11 +781,9 @@ fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()
             .http("/metrics")
             .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
     })?;
-    assert!(
-        installer
-            .log_text()
-            .contains("was gone (filter or clsact deleted)")
-    );
+    assert!(installer.log_text().contains(
+        "was gone (filter or clsact deleted); attached again (on a link/tc notification)"
+    ));
 
     ns.ip("route replace default via 100.64.2.2")?;
     wait_until(
