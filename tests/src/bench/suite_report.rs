@@ -124,7 +124,7 @@ struct Metric {
 
 const EBPF: [&str; 2] = ["egress-deny", "reference-lpm"];
 
-const METRICS: [Metric; 11] = [
+const METRICS: [Metric; 13] = [
     Metric {
         key: "udp_throughput",
         title: "UDP throughput, 1470-byte datagrams, unlimited rate (iperf3, received)",
@@ -157,6 +157,28 @@ const METRICS: [Metric; 11] = [
         get: |s| s.pps_many,
         ebpf_only: false,
         spread: "As above, cycling through thousands of destinations spread over the address space (some inside the rule list, dropped by every filter; the rest outside it): the lookups walk different parts of the trie or hash, so cache misses show. Filters drop the denied share early and so skip its forwarding work, which the no-filter baseline does not: a ratio slightly above 100% is that, not a faster filter.",
+    },
+    Metric {
+        key: "cpu_per_packet",
+        title: "CPU per packet on the forwarding CPU (own sender thread + ksoftirqd, schedstat), one destination",
+        unit: "ns",
+        kind: Kind::Ratio,
+        log_y: false,
+        decimals: 0,
+        get: |s| s.cpu_ns_pkt_single,
+        ebpf_only: false,
+        spread: "The same runs as packets/s, measured by the work instead of the rate: the sender thread's and ksoftirqd's run time (`schedstat`: the whole forwarding path and the filter run in the sender's softirq) per packet that reached a verdict, as % of the paired baseline's (above 100% = costlier). Time the sender is descheduled for other people's work is not in it, so load on a shared machine moves it much less than packets/s; what remains is cache pollution and hypervisor noise.",
+    },
+    Metric {
+        key: "cpu_per_packet_many",
+        title: "CPU per packet on the forwarding CPU (own sender thread + ksoftirqd, schedstat), many destinations",
+        unit: "ns",
+        kind: Kind::Ratio,
+        log_y: false,
+        decimals: 0,
+        get: |s| s.cpu_ns_pkt_many,
+        ebpf_only: false,
+        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers.",
     },
     Metric {
         key: "ns_per_packet",
@@ -488,11 +510,12 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
     if has_none {
         let _ = writeln!(
             md,
-            "Throughput and packets/s as a fraction of the paired no-filter baseline; ns and CPU per\n\
-             packet, latency and set-up in absolute numbers (the baseline's own in the first row). Median\n\
-             of {head_reps} repetition(s) (min–max).\n\n\
-             | mechanism | UDP throughput | pps, one destination | pps, many destinations | ns/packet (bpf_stats), one dest. | ns/packet, many dest. | CPU ns/packet at 1 Gbit/s | ping avg ms | set-up s |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "Throughput, packets/s and the own sender's CPU per packet (sender thread + ksoftirqd) as a\n\
+             fraction of the paired no-filter baseline (CPU above 100% = costlier); program ns per packet\n\
+             (bpf_stats), CPU per packet at 1 Gbit/s, latency and set-up in absolute numbers (the\n\
+             baseline's own in the first row). Median of {head_reps} repetition(s) (min–max).\n\n\
+             | mechanism | UDP throughput | pps, one destination | pps, many destinations | CPU/packet, one dest. | CPU/packet, many dest. | ns/packet (bpf_stats), one dest. | ns/packet, many dest. | CPU ns/packet at 1 Gbit/s | ping avg ms | set-up s |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for &m in &suite.mechanisms {
             let mi = mech_index(m);
@@ -502,7 +525,7 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
                     .get(m)
                     .map(|(at, why)| format!("not measured (stopped at {}: {why})", count(*at)))
                     .unwrap_or_else(|| "not measured".into());
-                let _ = writeln!(md, "| {m} | {why} | | | | | | | |");
+                let _ = writeln!(md, "| {m} | {why} | | | | | | | | | |");
                 continue;
             }
             let c = |key: &str| {
@@ -515,10 +538,12 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
             };
             let _ = writeln!(
                 md,
-                "| {m} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {m} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 c("udp_throughput"),
                 c("udp_pps"),
                 c("udp_pps_many"),
+                c("cpu_per_packet"),
+                c("cpu_per_packet_many"),
                 c("ns_per_packet"),
                 c("ns_per_packet_many"),
                 c("cpu"),
@@ -707,6 +732,10 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
     }
     md.push('\n');
 
+    if has_none {
+        closing_note(&mut md, suite, head_n);
+    }
+
     let _ = writeln!(md, "## Where mechanisms stopped, and other notes\n");
     if suite.stopped.is_empty() && suite.notes.is_empty() {
         let _ = writeln!(md, "- Every mechanism ran at every size.");
@@ -765,6 +794,50 @@ fn spread_table(md: &mut String, suite: &Suite, n: usize) {
                     .unwrap_or_else(|| "—".into()),
             );
         }
+    }
+    md.push('\n');
+}
+
+/// The headline row of each eBPF filter in words, with the precision this run reached
+/// and the repetitions ±3% would take at its spread.
+fn closing_note(md: &mut String, suite: &Suite, n: usize) {
+    let _ = writeln!(md, "## Closing note ({} rules)\n", count(n));
+    let metric = |key: &str| METRICS.iter().find(|m| m.key == key).expect("metric");
+    for &m in suite.mechanisms.iter().filter(|m| EBPF.contains(m)) {
+        let mi = mech_index(m);
+        if runs(suite, mi, n).is_empty() {
+            continue;
+        }
+        let ratio = |key: &str| {
+            let st = Stat::of(&values(suite, mi, n, metric(key), true));
+            let ci = st
+                .filter(|s| s.n > 1)
+                .map(|s| format!(", 95% CI of the mean ±{:.1}%", 100.0 * s.ci_rel()))
+                .unwrap_or_default();
+            let need = st
+                .and_then(|s| s.reps_for_goal())
+                .map(|r| format!(", ±3% needs {r} repetitions"))
+                .unwrap_or_default();
+            format!("{}{ci}{need}", cell(st, true, 0))
+        };
+        let abs = |key: &str| {
+            cell(
+                Stat::of(&values(suite, mi, n, metric(key), false)),
+                false,
+                0,
+            )
+        };
+        let _ = writeln!(
+            md,
+            "- **{m}**: UDP throughput {} of the paired baseline; packets/s {} (one destination) and {}\n  (many destinations); CPU per packet on the forwarding CPU {} (one) and {} (many);\n  program run time {} ns per packet (one destination) and {} ns (many).",
+            ratio("udp_throughput"),
+            ratio("udp_pps"),
+            ratio("udp_pps_many"),
+            ratio("cpu_per_packet"),
+            ratio("cpu_per_packet_many"),
+            abs("ns_per_packet"),
+            abs("ns_per_packet_many"),
+        );
     }
     md.push('\n');
 }
