@@ -178,7 +178,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.cpu_ns_pkt_many,
         ebpf_only: false,
-        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers.",
+        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers. With big tries and sets this is the most fragile number: in the quick run the first repetition at 1M was far costlier for every filter than the next ones (bpf_stats 1.7–1.9 µs against 0.7–0.8 µs per packet), so read the median, not the mean.",
     },
     Metric {
         key: "ns_per_packet",
@@ -200,7 +200,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.ns_pkt_many,
         ebpf_only: true,
-        spread: "Same accounting with thousands of destinations: the difference to the one-destination row is what cache misses in a big trie cost per packet.",
+        spread: "Same accounting with thousands of destinations: the difference to the one-destination row is what cache misses in a big trie cost per packet. Its spread is how much of the trie other work on the machine (and the previous tests) evicted from the caches; a single slow repetition moves the max, not the median.",
     },
     Metric {
         key: "cpu",
@@ -364,7 +364,9 @@ fn paired_ratio(suite: &Suite, mi: usize, n: usize, get: Get) -> f64 {
 }
 
 fn pct(v: f64) -> String {
-    if v.is_finite() && v < 0.1 {
+    if v.is_finite() && v >= 10.0 {
+        format!("×{v:.0}")
+    } else if v.is_finite() && v < 0.1 {
         format!("{:.2}%", 100.0 * v)
     } else if v.is_finite() {
         format!("{:.1}%", 100.0 * v)
@@ -385,6 +387,14 @@ fn cell(st: Option<Stat>, as_pct: bool, decimals: usize) -> String {
             fmt(v, decimals)
         }
     };
+    // Ratios of ×10 and more (iptables at large N) read better as factors.
+    if as_pct && st.median >= 10.0 {
+        return if st.n == 1 {
+            format!("×{:.0}", st.median)
+        } else {
+            format!("×{:.0} (×{:.0}–×{:.0})", st.median, st.min, st.max)
+        };
+    }
     let unit = if as_pct { "%" } else { "" };
     if st.n == 1 {
         format!("{}{unit}", f(st.median))
@@ -812,13 +822,17 @@ fn closing_note(md: &mut String, suite: &Suite, n: usize) {
             let st = Stat::of(&values(suite, mi, n, metric(key), true));
             let ci = st
                 .filter(|s| s.n > 1)
-                .map(|s| format!(", 95% CI of the mean ±{:.1}%", 100.0 * s.ci_rel()))
+                .map(|s| format!("; 95% CI of the mean ±{:.1}%", 100.0 * s.ci_rel()))
                 .unwrap_or_default();
             let need = st
                 .and_then(|s| s.reps_for_goal())
-                .map(|r| format!(", ±3% needs {r} repetitions"))
+                .map(|r| format!("; ±3% takes {r} repetitions at this spread"))
                 .unwrap_or_default();
-            format!("{}{ci}{need}", cell(st, true, 0))
+            format!(
+                "**{}** [{}{ci}{need}]",
+                cell(st, true, 0),
+                st.map(|s| s.n).unwrap_or(0)
+            )
         };
         let abs = |key: &str| {
             cell(
@@ -829,7 +843,7 @@ fn closing_note(md: &mut String, suite: &Suite, n: usize) {
         };
         let _ = writeln!(
             md,
-            "- **{m}**: UDP throughput {} of the paired baseline; packets/s {} (one destination) and {}\n  (many destinations); CPU per packet on the forwarding CPU {} (one) and {} (many);\n  program run time {} ns per packet (one destination) and {} ns (many).",
+            "- **{m}**, as % of the paired no-filter baseline, median (min–max) [repetitions; …]:\n  UDP throughput {};\n  packets/s, one destination {};\n  packets/s, many destinations {};\n  CPU per packet on the forwarding CPU, one destination {};\n  the same, many destinations {};\n  program run time (bpf_stats) {} ns per packet with one destination, {} ns with many.",
             ratio("udp_throughput"),
             ratio("udp_pps"),
             ratio("udp_pps_many"),
@@ -891,7 +905,7 @@ fn limits(suite: &Suite) -> String {
     );
     let _ = writeln!(
         s,
-        "- **egress-deny**: one LPM-trie lookup per packet (its cost grows slowly with the trie's\n  size: ~150–250 ns per verdict at 1M–10M rules in BPF_PROG_TEST_RUN, see\n  tests/BENCHMARKS.md) plus Ethernet/VLAN/IPv6 parsing and per-attachment counters. Set-up:\n  program load and verification, one `bpf()` map update per rule (two threads), and the TCX\n  attach (`BPF_LINK_CREATE` waits for an RCU grace period). In production the program and\n  link already exist and an update is only the map writes.{}",
+        "- **egress-deny**: one LPM-trie lookup per packet (its cost grows slowly with the trie's\n  size: ~150–250 ns per verdict at 1M–10M rules in BPF_PROG_TEST_RUN, see\n  tests/BENCHMARKS.md; under this run's real traffic see the bpf_stats ns/packet tables: a\n  hot-cache walk with one destination, several times that with many) plus Ethernet/VLAN/IPv6\n  parsing and per-attachment counters. Set-up:\n  program load and verification, one `bpf()` map update per rule (two threads), and the TCX\n  attach (`BPF_LINK_CREATE` waits for an RCU grace period). In production the program and\n  link already exist and an update is only the map writes.{}",
         lim("egress-deny")
     );
     let _ = writeln!(
