@@ -178,7 +178,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.cpu_ns_pkt_many,
         ebpf_only: false,
-        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers. With big tries and sets this is the most fragile number: in the quick run the first repetition at 1M was far costlier for every filter than the next ones (bpf_stats 1.7–1.9 µs against 0.7–0.8 µs per packet), so read the median, not the mean.",
+        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers. With big tries and sets this is the most fragile number: across quick runs at 1M, whole repetitions came out either at ≈ 0.7–0.8 µs or at ≈ 1.7–2.2 µs of program time per packet (bpf_stats) for both eBPF filters alike, with the filters' ratios moving together; the cause (where the kernel placed the trie nodes, other work's use of the caches) is not separated here. Compare mechanisms within a repetition and read the median.",
     },
     Metric {
         key: "ns_per_packet",

@@ -66,8 +66,9 @@ const PROBE_INTERVAL: Duration = Duration::from_micros(500);
 /// sender's CPU: veth hands packets to the local backlog), receiver on CPU 1.
 const CLIENT_CPU: &str = "0";
 const SERVER_CPU: &str = "1";
-/// Repetitions of a full run: what the quick run's spread at 1M suggests for a ±3%
-/// confidence interval of the paired ratios (see tests/BENCHMARKS.md).
+/// Repetitions of a full run (≈ 13 min each). At the quick run's spread this gives a
+/// 95% confidence interval of about ±3–5% on the 1M paired ratios; ±3% on all of them
+/// took 7 (`--reps 7`, see tests/BENCHMARKS.md).
 const DEFAULT_REPS: usize = 5;
 /// A full run's own stop: well above its expected duration (see tests/BENCHMARKS.md).
 const DEFAULT_BUDGET_MINUTES: f64 = 90.0;
@@ -75,7 +76,7 @@ const DEFAULT_BUDGET_MINUTES: f64 = 90.0;
 #[derive(Parser)]
 #[command(about = "Egress filtering benchmark: every mechanism side by side")]
 struct Args {
-    /// N = 10k, 1M; 3 repetitions; 2 s iperf3 runs, 1 s own-sender runs (about 8 minutes).
+    /// N = 10k, 1M; 3 repetitions; 2 s iperf3 runs, 1 s own-sender runs (about 9 minutes).
     #[arg(long)]
     quick: bool,
     /// Where RESULTS.md, results.csv and the SVG plots go.
