@@ -8,9 +8,15 @@
 //!
 //!     cargo run --release -p egress-deny-tests --bin bench-suite -- [--quick] [--out DIR]
 //!
-//! Repetitions are interleaved (rep 1 of every mechanism, then rep 2, …) so slow drift
-//! of a shared machine hits every mechanism alike; every repetition applies the rule set
-//! afresh, so set-up time is a median too. Everything it creates (namespaces under one
+//! Repetitions are interleaved (rep 1 of every mechanism, then rep 2, …) and within one
+//! repetition every test brackets each mechanism with no-filter runs (none, A, none, B,
+//! none, …), so each mechanism has its own baseline seconds away and slow drift of a
+//! shared machine cancels in the ratio; the report gives median ratios with their spread
+//! over repetitions. Besides iperf3's one destination, an own UDP sender cycles through
+//! thousands of destinations (some denied) that the server namespace owns, and the
+//! kernel's per-program accounting (bpf_stats) gives the eBPF filters' ns per packet
+//! under that real traffic. Every repetition applies the rule set afresh, so set-up time
+//! is a median too. Everything it creates (namespaces under one
 //! random prefix, bpffs pins under `/sys/fs/bpf/egress-deny-bench-<prefix>-*`, child
 //! processes by pid; iptables rules and ipsets live inside its node namespace) is removed
 //! on exit, on error, on panic and on SIGINT/SIGTERM.
@@ -32,13 +38,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, tc::TcAttachOptions};
 use clap::Parser;
 use egress_deny_datapath::{
     attach::{self, AttachMode, AttachRequest, Hook},
     loader,
     netns::NetnsGuard,
-    paths::PinLayout,
+    paths::{PinLayout, ProgramKind},
     rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
@@ -60,28 +66,46 @@ const PROBE_INTERVAL: Duration = Duration::from_micros(500);
 /// sender's CPU: veth hands packets to the local backlog), receiver on CPU 1.
 const CLIENT_CPU: &str = "0";
 const SERVER_CPU: &str = "1";
+/// Repetitions of a full run (≈ 13 min each). At the quick run's spread this gives a
+/// 95% confidence interval of about ±3–5% on the 1M paired ratios; ±3% on all of them
+/// took 7 (`--reps 7`, see tests/BENCHMARKS.md).
+const DEFAULT_REPS: usize = 5;
+/// A full run's own stop: well above its expected duration (see tests/BENCHMARKS.md).
+const DEFAULT_BUDGET_MINUTES: f64 = 90.0;
 
 #[derive(Parser)]
 #[command(about = "Egress filtering benchmark: every mechanism side by side")]
 struct Args {
-    /// N = 10, 10k, 1M; one repetition; 2 s iperf3 runs (under 10 minutes).
+    /// N = 10k, 1M; 3 repetitions; 2 s iperf3 runs, 1 s own-sender runs (about 9 minutes).
     #[arg(long)]
     quick: bool,
     /// Where RESULTS.md, results.csv and the SVG plots go.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Rule counts (comma list); default 10,100,1k,10k,100k,1M,10M (quick: 10,10k,1M).
+    /// Rule counts (comma list); default 10,100,1000,10000,100000,1000000,10000000
+    /// (quick: 10000,1000000).
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
     /// Mechanisms to run (comma list of none,iptables,ipset,egress-deny,reference-lpm).
     #[arg(long, value_delimiter = ',')]
     mechanisms: Option<Vec<String>>,
-    /// Repetitions per (mechanism, N); medians are reported. Default 3 (quick: 1).
+    /// Repetitions per (mechanism, N); medians and their spread are reported.
+    /// Default 5 (quick: 3).
     #[arg(long)]
     reps: Option<usize>,
-    /// Seconds per iperf3 run. Default 4 (quick: 2).
+    /// Seconds per iperf3 run. Default 3 (quick: 2).
     #[arg(long)]
     secs: Option<u32>,
+    /// Seconds per own-sender run (packets/s, one and many destinations). Default 2
+    /// (quick: 1).
+    #[arg(long)]
+    blast_secs: Option<f64>,
+    /// Destinations of the many-destination test.
+    #[arg(long, default_value_t = 4096)]
+    destinations: usize,
+    /// Share of them inside the rule list (denied by every filter).
+    #[arg(long, default_value_t = 0.1)]
+    deny_share: f64,
     /// A mechanism is not tried at a size whose set-up (extrapolated linearly from the
     /// previous size) would exceed this, and an attempt is killed when it does.
     #[arg(long, default_value_t = 180)]
@@ -92,8 +116,8 @@ struct Args {
     /// an unlimited-rate test leaves behind takes minutes to drain.
     #[arg(long, default_value_t = 50.0)]
     max_packet_ms: f64,
-    /// Wall-clock budget: steps that would start after it are skipped (and reported).
-    /// Default 57 min (quick: 9.5 min).
+    /// Wall-clock budget: repetitions that would start after it are skipped (and
+    /// reported). Default 90 min (quick: 15 min).
     #[arg(long)]
     budget_minutes: Option<f64>,
     /// Seed of the rule lists.
@@ -811,45 +835,109 @@ fn apply_timed(applier: &mut Applier<'_>, mechanism: &str, p: &Prepared) -> Resu
 }
 
 // ---------------------------------------------------------------------------------
-// Traffic metrics (destination outside the rule list).
+// Traffic metrics (destinations outside the rule list, or a known share inside it).
 
-#[derive(Clone, Copy, Debug)]
-pub struct Sample {
-    pub udp_mbps: f64,
-    pub udp_loss_pct: f64,
-    pub pps: f64,
-    /// CPU time of the iperf3 client and server and the ksoftirqd threads during the
-    /// 1 Gbit/s run, % of one core. Ticks of softirq work served in a task's context are
-    /// charged to that task (tick accounting, no IRQ time accounting here), so this holds
-    /// the forwarding path and the filter, and not other people's work on the machine.
-    pub cpu_pct: f64,
-    /// Busy share of the whole machine (all cores) during the same window.
-    pub cpu_machine_pct: f64,
-    pub cpu_rate_mbps: f64,
-    pub ping_avg_ms: f64,
-    pub ping_p99_ms: f64,
-    pub ping_loss_pct: f64,
-    pub rr_p50_us: f64,
-    pub rr_p99_us: f64,
-    pub rr_count: f64,
+/// Declares [`Sample`]: every per-run number, NaN until the test that measures it ran.
+/// One list of fields gives the struct, its CSV header and field-wise averaging.
+macro_rules! sample {
+    ($($(#[$m:meta])* $f:ident),* $(,)?) => {
+        #[derive(Clone, Copy, Debug)]
+        pub struct Sample { $($(#[$m])* pub $f: f64,)* }
+
+        impl Sample {
+            pub const NAMES: &[&str] = &[$(stringify!($f)),*];
+
+            pub fn values(&self) -> Vec<f64> {
+                vec![$(self.$f),*]
+            }
+
+            fn from_values(v: &[f64]) -> Self {
+                let mut it = v.iter().copied();
+                Self { $($f: it.next().unwrap_or(f64::NAN)),* }
+            }
+        }
+
+        impl Default for Sample {
+            fn default() -> Self {
+                Self { $($f: f64::NAN),* }
+            }
+        }
+    };
 }
 
-impl Default for Sample {
-    fn default() -> Self {
-        Self {
-            udp_mbps: f64::NAN,
-            udp_loss_pct: f64::NAN,
-            pps: f64::NAN,
-            cpu_pct: f64::NAN,
-            cpu_machine_pct: f64::NAN,
-            cpu_rate_mbps: f64::NAN,
-            ping_avg_ms: f64::NAN,
-            ping_p99_ms: f64::NAN,
-            ping_loss_pct: f64::NAN,
-            rr_p50_us: f64::NAN,
-            rr_p99_us: f64::NAN,
-            rr_count: f64::NAN,
+sample! {
+    /// iperf3 1470-byte datagrams, unlimited rate: received Mbit/s.
+    udp_mbps,
+    udp_loss_pct,
+    /// Own sender, 64-byte datagrams, one destination: received packets/s.
+    pps,
+    /// Own sender, one destination: datagrams handed to the kernel per second.
+    pps_sent,
+    /// Own sender, many destinations: packets/s that reached allowed destinations.
+    pps_many,
+    /// Own sender, many destinations: share of the packets to denied destinations that
+    /// arrived anyway (1 without a filter, 0 with a working one).
+    many_denied_arrived,
+    /// bpf_stats of the attached program: ns per run, one destination / many.
+    ns_pkt,
+    ns_pkt_many,
+    /// Program runs per packet sent (sanity: ≈ 1 when nothing is dropped earlier).
+    runs_per_sent,
+    /// CPU of the forwarding CPU's work (sender thread + ksoftirqd, schedstat ns) per
+    /// packet that got through the path to a verdict, one destination / many. Time the
+    /// sender spends descheduled (other people's work) is not in it, so it is far less
+    /// sensitive to a shared machine's load than packets/s.
+    cpu_ns_pkt_single,
+    cpu_ns_pkt_many,
+    /// The receiver thread's CPU per packet received, one destination / many.
+    recv_ns_pkt_single,
+    recv_ns_pkt_many,
+    /// iperf3 at a fixed 1 Gbit/s: CPU of client + server + ksoftirqd (schedstat ns), %
+    /// of one core and ns per received datagram, and the rate reached.
+    cpu_pct,
+    cpu_ns_pkt,
+    cpu_rate_mbps,
+    /// Busy share of the whole machine (all cores, /proc/stat) in the same window:
+    /// context only (it includes other people's work).
+    machine_busy_pct,
+    ping_avg_ms,
+    ping_p99_ms,
+    ping_loss_pct,
+    rr_p50_us,
+    rr_p99_us,
+    rr_count,
+}
+
+impl Sample {
+    /// Field-wise mean of the finite values (NaN where none is).
+    fn mean(samples: &[Sample]) -> Sample {
+        let rows: Vec<Vec<f64>> = samples.iter().map(Sample::values).collect();
+        let mean: Vec<f64> = (0..Sample::NAMES.len())
+            .map(|i| {
+                let finite: Vec<f64> = rows
+                    .iter()
+                    .map(|r| r[i])
+                    .filter(|v| v.is_finite())
+                    .collect();
+                if finite.is_empty() {
+                    f64::NAN
+                } else {
+                    finite.iter().sum::<f64>() / finite.len() as f64
+                }
+            })
+            .collect();
+        Sample::from_values(&mean)
+    }
+
+    /// Takes over every field `other` has measured.
+    fn merge(&mut self, other: &Sample) {
+        let mut mine = self.values();
+        for (m, o) in mine.iter_mut().zip(other.values()) {
+            if o.is_finite() {
+                *m = o;
+            }
         }
+        *self = Sample::from_values(&mine);
     }
 }
 
@@ -901,12 +989,32 @@ fn cpu_ticks() -> (u64, u64) {
     (total, idle)
 }
 
-/// utime + stime of a task, in clock ticks.
-fn task_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+/// Time a task has run on a CPU, in ns (`schedstat`'s first field: the scheduler's own
+/// clock, not tick samples). This kernel has no IRQ time accounting, so softirq work
+/// served in a task's context (the whole veth → forward → veth → socket path runs in the
+/// sender's `sendto`) is in that task's time; ksoftirqd holds the rest.
+fn schedstat_ns(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Run time of every thread of `pid`, ns.
+fn process_ns(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|t| schedstat_ns(&format!("{}/schedstat", t.path().display())))
+        .sum()
+}
+
+/// Run time of the calling thread, ns.
+fn thread_ns() -> u64 {
+    schedstat_ns("/proc/thread-self/schedstat").unwrap_or(0)
 }
 
 /// Children of this process named `comm` (`ip netns exec` execs the program in place),
@@ -932,14 +1040,18 @@ fn pids_named(comm: &str, children_only: bool) -> Vec<u32> {
         .collect()
 }
 
-/// While the client runs: (CPU of the iperf3 client + server + ksoftirqd threads in % of
-/// one core, busy % of all cores), over `window`.
-fn traffic_cpu(server_pid: u32, window: Duration) -> (f64, f64) {
+fn ksoftirqd_ns(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| process_ns(*p)).sum()
+}
+
+/// While the client runs: (CPU ns of the iperf3 client + server + ksoftirqd threads,
+/// wall seconds, busy % of all cores), over `window`.
+fn traffic_cpu(server_pid: u32, window: Duration) -> (f64, f64, f64) {
     let client = pids_named("iperf3", true);
     let mut pids = pids_named("ksoftirqd/", false);
     pids.push(server_pid);
     pids.extend(client.iter().filter(|p| **p != server_pid));
-    let sum = |pids: &[u32]| pids.iter().filter_map(|p| task_ticks(*p)).sum::<u64>();
+    let sum = |pids: &[u32]| pids.iter().map(|p| process_ns(*p)).sum::<u64>();
     let (t0, i0) = cpu_ticks();
     let p0 = sum(&pids);
     let started = Instant::now();
@@ -947,15 +1059,13 @@ fn traffic_cpu(server_pid: u32, window: Duration) -> (f64, f64) {
     let p1 = sum(&pids);
     let (t1, i1) = cpu_ticks();
     let wall = started.elapsed().as_secs_f64();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let process = if client.is_empty() {
         f64::NAN
     } else {
-        100.0 * p1.saturating_sub(p0) as f64 / hz / wall
+        p1.saturating_sub(p0) as f64
     };
     let machine = 100.0 * (1.0 - (i1 - i0) as f64 / (t1 - t0).max(1) as f64);
-    (process, machine)
+    (process, wall, machine)
 }
 
 /// Share of all cores spent in the kernel (system, irq, softirq) over `window`.
@@ -1002,10 +1112,303 @@ fn drain(topo: &Topology) {
     );
 }
 
+// ---------------------------------------------------------------------------------
+// Own UDP sender: iperf3 sends to one address; this one also cycles through thousands,
+// so the filters' lookups walk different parts of their tries and hash tables.
+
+/// Datagram payload (64 bytes, as `iperf3 -l 64`); byte 0 says whether the destination
+/// is in the rule list, so the receiver can tell leaks from allowed traffic.
+const BLAST_PAYLOAD: usize = 64;
+/// Upper bound on datagrams per run, whatever the rate (the time limit comes first).
+const BLAST_MAX_PACKETS: u64 = 50_000_000;
+
+/// The traffic destinations of the many-destination mode: (address, denied by the
+/// rules). All of them are owned by the server namespace (`local` routes) and routed
+/// to it by the node namespace, so nothing leaves the run's namespaces.
+struct Destinations {
+    list: Arc<Vec<(Ipv4Addr, bool)>>,
+}
+
+/// Not in 0/8, 10/8 (the topology), 100.64/10, 127/8, 169.254/16, 172.16/12, 192.0/16,
+/// 192.168/16, 198.51/16, 203.0/16, 224/3: the space `rule_mix` draws from.
+fn global_unicast(a: u32) -> bool {
+    let first = a >> 24;
+    !(matches!(first, 0 | 10 | 127 | 224..=255)
+        || (a >> 22) == (100 << 2 | 1)
+        || (a >> 16) == (169 << 8 | 254)
+        || (a >> 20) == (172 << 4 | 1)
+        || (a >> 16) == (192 << 8 | 168)
+        || (a >> 16) == (192 << 8)
+        || (a >> 16) == (198 << 8 | 51)
+        || (a >> 16) == (203 << 8))
+}
+
+/// Whether a sorted rule list covers `addr` (one binary search per prefix length in use:
+/// 10M rules × thousands of addresses must not be a linear scan).
+fn covers(rules: &[(u32, u8)], lens: &[u8], addr: u32) -> bool {
+    lens.iter().any(|&len| {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        rules.binary_search(&(addr & mask, len)).is_ok()
+    })
+}
+
+fn prefix_lens(rules: &[(u32, u8)]) -> Vec<u8> {
+    let set: BTreeSet<u8> = rules.iter().map(|(_, l)| *l).collect();
+    set.into_iter().collect()
+}
+
+impl Destinations {
+    /// `count` distinct addresses, `deny_share` of them inside a random rule each (a
+    /// random host of the prefix), the rest random global-unicast addresses no rule
+    /// covers; shuffled, so denied and allowed packets interleave. `avoid`: addresses the
+    /// run uses otherwise.
+    fn new(
+        rules: &[(u32, u8)],
+        count: usize,
+        deny_share: f64,
+        seed: u64,
+        avoid: &[Ipv4Addr],
+    ) -> Result<Self> {
+        use rand::{Rng, SeedableRng, seq::SliceRandom};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_de57);
+        let lens = prefix_lens(rules);
+        let mut seen: BTreeSet<u32> = avoid.iter().map(|a| u32::from(*a)).collect();
+        let mut list = Vec::with_capacity(count);
+        let denied = ((count as f64 * deny_share).round() as usize).min(count);
+        // Bounded: a small rule list (N = 10, mostly /32s) may hold fewer distinct
+        // addresses than asked for; it then gets what it has (the rest are allowed).
+        let mut attempts = 0usize;
+        while list.len() < denied && !rules.is_empty() {
+            attempts += 1;
+            if attempts > denied * 100 {
+                break;
+            }
+            let (net, len) = rules[rng.random_range(0..rules.len())];
+            let host = if len == 32 {
+                0
+            } else {
+                rng.random::<u32>() >> len
+            };
+            let a = net | host;
+            if seen.insert(a) {
+                list.push((Ipv4Addr::from(a), true));
+            }
+        }
+        attempts = 0;
+        while list.len() < count {
+            attempts += 1;
+            if attempts > count * 1000 {
+                bail!("cannot find {count} allowed destinations outside the rule list");
+            }
+            let a: u32 = rng.random();
+            if global_unicast(a) && !covers(rules, &lens, a) && seen.insert(a) {
+                list.push((Ipv4Addr::from(a), false));
+            }
+        }
+        list.shuffle(&mut rng);
+        Ok(Self {
+            list: Arc::new(list),
+        })
+    }
+
+    /// Server namespace: a `local` route per address (it accepts them as its own); node
+    /// namespace: a route to the server for each.
+    fn install(&self, topo: &Topology) -> Result<()> {
+        self.batch(topo, "add")
+    }
+
+    fn uninstall(&self, topo: &Topology) -> Result<()> {
+        self.batch(topo, "del")
+    }
+
+    fn batch(&self, topo: &Topology, verb: &str) -> Result<()> {
+        let mut server = String::new();
+        let mut node = String::new();
+        for (a, _) in self.list.iter() {
+            let _ = writeln!(server, "route {verb} local {a}/32 dev lo");
+            let _ = writeln!(node, "route {verb} {a}/32 via {SERVER}");
+        }
+        let t = Duration::from_secs(60);
+        exec_ok(
+            &topo.server.name,
+            "ip",
+            &["-batch", "-"],
+            Some(Arc::new(server)),
+            t,
+        )?;
+        exec_ok(
+            &topo.node.name,
+            "ip",
+            &["-batch", "-"],
+            Some(Arc::new(node)),
+            t,
+        )?;
+        Ok(())
+    }
+}
+
+struct Blast {
+    sent: u64,
+    /// Received inside the sending window: to allowed / to denied destinations.
+    received: u64,
+    received_denied: u64,
+    sent_denied: u64,
+    secs: f64,
+    /// Sender thread + ksoftirqd threads, ns.
+    forward_ns: f64,
+    /// Receiver thread, ns.
+    recv_ns: f64,
+}
+
+/// Sends 64-byte datagrams from the pod as fast as one thread can (pinned to the CPU
+/// iperf3's client uses) to `dests` in turn, for `secs` (and at most
+/// `BLAST_MAX_PACKETS`); a receiver in the server namespace (pinned like iperf3's
+/// server) counts what arrives while the sender runs.
+fn blast(topo: &Topology, dests: &Arc<Vec<(Ipv4Addr, bool)>>, secs: f64) -> Result<Blast> {
+    let receiver = bind_in(&topo.server, "0.0.0.0:0")?;
+    receiver.set_read_timeout(Some(Duration::from_millis(20)))?;
+    // A deep socket buffer: a receiver that falls behind for a moment should not decide
+    // the rate; SO_RCVBUFFORCE as root, the plain limit otherwise.
+    {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 16 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt on an open socket with a c_int value of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    receiver.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+    let port = receiver.local_addr()?.port();
+    let sender = bind_in(&topo.pod, "0.0.0.0:0")?;
+    sender.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
+    let recv_thread = {
+        let (stop, ready) = (stop.clone(), ready.clone());
+        std::thread::spawn(move || {
+            let _pin = PinThread::to(SERVER_CPU.parse().unwrap_or(1));
+            let started = thread_ns();
+            ready.store(true, Ordering::Release);
+            let (mut allowed, mut denied) = (0u64, 0u64);
+            let mut buf = [0u8; 2048];
+            // Bounded by the stop flag, which the caller sets once the sender is done.
+            while !stop.load(Ordering::Acquire) {
+                if let Ok(n) = receiver.recv(&mut buf)
+                    && n >= 1
+                {
+                    if buf[0] == 1 {
+                        denied += 1;
+                    } else {
+                        allowed += 1;
+                    }
+                }
+            }
+            (allowed, denied, thread_ns().saturating_sub(started))
+        })
+    };
+    let waiting = Instant::now();
+    while !ready.load(Ordering::Acquire) && waiting.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ksoftirqd = pids_named("ksoftirqd/", false);
+    let k0 = ksoftirqd_ns(&ksoftirqd);
+    let send_thread = {
+        let dests = dests.clone();
+        std::thread::spawn(move || {
+            let _pin = PinThread::to(CLIENT_CPU.parse().unwrap_or(0));
+            let targets: Vec<(std::net::SocketAddr, bool)> =
+                dests.iter().map(|(a, d)| ((*a, port).into(), *d)).collect();
+            let mut payload = [0u8; BLAST_PAYLOAD];
+            let (mut sent, mut sent_denied) = (0u64, 0u64);
+            let cpu0 = thread_ns();
+            let started = Instant::now();
+            let limit = Duration::from_secs_f64(secs);
+            let mut i = 0usize;
+            'outer: loop {
+                // The clock is read every 64 datagrams (one send is microseconds).
+                for _ in 0..64 {
+                    let (addr, denied) = targets[i % targets.len()];
+                    i += 1;
+                    payload[0] = u8::from(denied);
+                    payload[1..9].copy_from_slice(&sent.to_be_bytes());
+                    if sender.send_to(&payload, addr).is_ok() {
+                        sent += 1;
+                        sent_denied += u64::from(denied);
+                    }
+                }
+                if started.elapsed() >= limit || sent >= BLAST_MAX_PACKETS {
+                    break 'outer;
+                }
+            }
+            (
+                sent,
+                sent_denied,
+                started.elapsed().as_secs_f64(),
+                thread_ns().saturating_sub(cpu0),
+            )
+        })
+    };
+    let sent = send_thread.join();
+    stop.store(true, Ordering::Release);
+    let received = recv_thread.join();
+    let k1 = ksoftirqd_ns(&ksoftirqd);
+    let (Ok((sent, sent_denied, secs, send_ns)), Ok((allowed, denied, recv_ns))) = (sent, received)
+    else {
+        bail!("sender or receiver thread panicked");
+    };
+    Ok(Blast {
+        sent,
+        received: allowed,
+        received_denied: denied,
+        sent_denied,
+        secs,
+        forward_ns: (send_ns + k1.saturating_sub(k0)) as f64,
+        recv_ns: recv_ns as f64,
+    })
+}
+
+/// The attached eBPF program's cumulative (run time ns, run count) from the kernel's
+/// own accounting (bpf_stats); None for the mechanisms that are not an eBPF program.
+fn prog_stats(filter: &Filter) -> Option<(u64, u64)> {
+    match filter {
+        // Whichever of the pinned programs is attached (veth: the Ethernet one); the
+        // others do not run.
+        Filter::EgressDeny(layout) => {
+            let mut total = (0u64, 0u64);
+            for kind in ProgramKind::ALL {
+                if let Ok(info) = ProgramInfo::from_pin(layout.program(kind)) {
+                    total.0 += info.run_time().as_nanos() as u64;
+                    total.1 += info.run_count();
+                }
+            }
+            Some(total)
+        }
+        Filter::Reference(ebpf, _) => {
+            let prog: &SchedClassifier = ebpf.program("reference_lpm")?.try_into().ok()?;
+            let info = prog.info().ok()?;
+            Some((info.run_time().as_nanos() as u64, info.run_count()))
+        }
+        _ => None,
+    }
+}
+
 struct Measurer<'a> {
     topo: &'a Topology,
     server_pid: u32,
     secs: u32,
+    blast_secs: f64,
+    many: Arc<Vec<(Ipv4Addr, bool)>>,
+    single: Arc<Vec<(Ipv4Addr, bool)>>,
     notes: &'a mut BTreeSet<String>,
 }
 
@@ -1021,9 +1424,10 @@ impl Measurer<'_> {
         }
     }
 
-    /// Runs one test (with the filter under test switched on) into `s`.
-    fn run(&mut self, test: Test, label: &str, s: &mut Sample) {
+    /// Runs one test (with the filter under test switched on) and returns its numbers.
+    fn run(&mut self, test: Test, label: &str, filter: &Filter) -> Sample {
         let (topo, secs) = (self.topo, self.secs);
+        let mut s = Sample::default();
         drain(topo);
         match test {
             Test::Udp => {
@@ -1034,11 +1438,49 @@ impl Measurer<'_> {
                     s.udp_loss_pct = loss;
                 }
             }
-            Test::Pps => {
-                let r = iperf(topo, &["-u", "-b", "0", "-l", "64"], secs)
-                    .and_then(|v| udp_received(&v));
-                if let Some((pps, _)) = self.note_err("64-byte packets/s", label, r) {
-                    s.pps = pps;
+            Test::PpsSingle | Test::PpsMany => {
+                let many = matches!(test, Test::PpsMany);
+                let dests = if many { &self.many } else { &self.single };
+                let before = prog_stats(filter);
+                let r = blast(topo, dests, self.blast_secs);
+                let after = prog_stats(filter);
+                let what = if many {
+                    "packets/s, many destinations"
+                } else {
+                    "packets/s, one destination"
+                };
+                if let Some(b) = self.note_err(what, label, r) {
+                    let (ns, runs) = match (before, after) {
+                        (Some(b0), Some(b1)) if b1.1 > b0.1 => (
+                            (b1.0 - b0.0) as f64 / (b1.1 - b0.1) as f64,
+                            (b1.1 - b0.1) as f64,
+                        ),
+                        _ => (f64::NAN, f64::NAN),
+                    };
+                    let secs = b.secs.max(1e-3);
+                    // Packets that reached a verdict: the allowed ones that arrived,
+                    // scaled by the sent mix (with a filter the denied ones are dropped
+                    // by it; without, they arrive too). Packets dropped before the
+                    // filter (a full backlog behind a slow one) are not counted.
+                    let allowed_sent = b.sent.saturating_sub(b.sent_denied).max(1) as f64;
+                    let processed = (b.received as f64 * b.sent as f64 / allowed_sent).max(1.0);
+                    let cpu = b.forward_ns / processed;
+                    let recv = b.recv_ns / ((b.received + b.received_denied).max(1) as f64);
+                    if many {
+                        s.pps_many = b.received as f64 / secs;
+                        s.many_denied_arrived =
+                            b.received_denied as f64 / (b.sent_denied.max(1) as f64);
+                        s.ns_pkt_many = ns;
+                        s.cpu_ns_pkt_many = cpu;
+                        s.recv_ns_pkt_many = recv;
+                    } else {
+                        s.pps = b.received as f64 / secs;
+                        s.pps_sent = b.sent as f64 / secs;
+                        s.ns_pkt = ns;
+                        s.runs_per_sent = runs / b.sent.max(1) as f64;
+                        s.cpu_ns_pkt_single = cpu;
+                        s.recv_ns_pkt_single = recv;
+                    }
                 }
             }
             Test::Cpu => {
@@ -1051,10 +1493,12 @@ impl Measurer<'_> {
                 });
                 let r = iperf(topo, &["-u", "-b", "1G", "-l", "1470"], secs)
                     .and_then(|v| udp_received(&v));
-                let (process, machine) = sampler.join().unwrap_or((f64::NAN, f64::NAN));
+                let (cpu_ns, wall, machine) =
+                    sampler.join().unwrap_or((f64::NAN, f64::NAN, f64::NAN));
                 if let Some((pps, _)) = self.note_err("CPU at 1 Gbit/s", label, r) {
-                    s.cpu_pct = process;
-                    s.cpu_machine_pct = machine;
+                    s.cpu_pct = 100.0 * cpu_ns / 1e9 / wall;
+                    s.cpu_ns_pkt = cpu_ns / (pps * wall).max(1.0);
+                    s.machine_busy_pct = machine;
                     s.cpu_rate_mbps = pps * 1470.0 * 8.0 / 1e6;
                 }
             }
@@ -1075,21 +1519,24 @@ impl Measurer<'_> {
                 }
             }
         }
+        s
     }
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Test {
     Udp,
-    Pps,
+    PpsSingle,
+    PpsMany,
     Cpu,
     Ping,
     RequestResponse,
 }
 
-const TESTS: [Test; 5] = [
+const TESTS: [Test; 6] = [
     Test::Udp,
-    Test::Pps,
+    Test::PpsSingle,
+    Test::PpsMany,
     Test::Cpu,
     Test::Ping,
     Test::RequestResponse,
@@ -1218,6 +1665,10 @@ fn request_response(topo: &Topology, count: usize, max: Duration) -> Result<(f64
 pub struct Run {
     pub rep: usize,
     pub sample: Sample,
+    /// The paired baseline: for each test, the mean of the no-filter runs right before
+    /// and right after this mechanism's run (same repetition). For `none` itself, the
+    /// mean of all its runs in the repetition (so its ratio is 1).
+    pub base: Sample,
     pub phases: Phases,
     pub apply: Option<Duration>,
     pub effective: Option<Duration>,
@@ -1234,8 +1685,15 @@ pub struct Suite {
     pub mechanisms: Vec<&'static str>,
     pub reps: usize,
     pub secs: u32,
+    pub blast_secs: f64,
+    pub destinations: usize,
+    pub deny_share: f64,
     pub seed: u64,
     pub setup_budget: Duration,
+    /// How the kernel's per-program run time accounting was switched on.
+    pub stats_mode: String,
+    /// Wall time of each (N, repetition): set-up, traffic tests, teardown.
+    pub rep_times: Vec<(usize, usize, Duration)>,
     pub results: Results,
     pub notes: BTreeSet<String>,
     /// Why a mechanism stopped, and at which N.
@@ -1246,12 +1704,49 @@ pub struct Suite {
     pub command: String,
 }
 
-fn covers(rules: &[(u32, u8)], addr: Ipv4Addr) -> bool {
-    let a = u32::from(addr);
-    rules.iter().any(|(net, len)| {
-        let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
-        a & mask == *net
-    })
+/// Keeps the kernel's per-program run time accounting on while held. Preferably
+/// `BPF_ENABLE_STATS` (a reference the kernel drops when the fd closes, even if this
+/// process is killed, and that nobody else's write to the sysctl can switch off);
+/// otherwise `kernel.bpf_stats_enabled` = 1, restored to its previous value on drop.
+enum BpfStats {
+    Fd(#[allow(dead_code)] std::os::fd::OwnedFd),
+    Sysctl(String),
+}
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Ok(Self::Fd(fd)),
+            Err(e) => {
+                eprintln!("bench-suite: BPF_ENABLE_STATS failed ({e}); using the sysctl");
+                let was = std::fs::read_to_string(BPF_STATS_SYSCTL)
+                    .context("reading bpf_stats_enabled")?;
+                std::fs::write(BPF_STATS_SYSCTL, "1").context("enabling bpf_stats")?;
+                Ok(Self::Sysctl(was.trim().to_owned()))
+            }
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Fd(_) => {
+                "`BPF_ENABLE_STATS` (the same accounting as `kernel.bpf_stats_enabled`, held by an fd for the run; the sysctl itself is not touched)"
+            }
+            Self::Sysctl(_) => {
+                "`kernel.bpf_stats_enabled` = 1 for the run, restored to its previous value afterwards"
+            }
+        }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Self::Sysctl(was) = self {
+            let _ = std::fs::write(BPF_STATS_SYSCTL, was.as_str());
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -1264,7 +1759,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results"));
     let sizes = args.sizes.clone().unwrap_or_else(|| {
         if quick {
-            vec![10, 10_000, 1_000_000]
+            vec![10_000, 1_000_000]
         } else {
             vec![10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000]
         }
@@ -1287,13 +1782,24 @@ fn main() -> Result<()> {
                 .collect()
         }
     };
-    let reps = args.reps.unwrap_or(if quick { 1 } else { 3 }).max(1);
-    let secs = args.secs.unwrap_or(if quick { 2 } else { 4 }).max(1);
+    let reps = args
+        .reps
+        .unwrap_or(if quick { 3 } else { DEFAULT_REPS })
+        .max(1);
+    let secs = args.secs.unwrap_or(if quick { 2 } else { 3 }).max(1);
+    let blast_secs = args
+        .blast_secs
+        .unwrap_or(if quick { 1.0 } else { 2.0 })
+        .clamp(0.2, 30.0);
     let budget = Duration::from_secs_f64(
         60.0 * args
             .budget_minutes
-            .unwrap_or(if quick { 9.5 } else { 57.0 }),
+            .unwrap_or(if quick { 15.0 } else { DEFAULT_BUDGET_MINUTES }),
     );
+    if !(0.0..=0.5).contains(&args.deny_share) {
+        bail!("--deny-share must be within 0..0.5");
+    }
+    let destination_count = args.destinations.clamp(1, 65_536);
     let setup_budget = Duration::from_secs(args.setup_budget_secs);
     for tool in [
         "iperf3",
@@ -1316,6 +1822,7 @@ fn main() -> Result<()> {
         pin_prefix(&prefix)
     );
     let background_before = busy_over(Duration::from_secs(2));
+    let bpf_stats = BpfStats::enable()?;
 
     let topo = topology(&prefix)?;
     let iperf_server = {
@@ -1358,8 +1865,13 @@ fn main() -> Result<()> {
         mechanisms: mechanisms.clone(),
         reps,
         secs,
+        blast_secs,
+        destinations: destination_count,
+        deny_share: args.deny_share,
         seed: args.seed,
         setup_budget,
+        stats_mode: bpf_stats.describe().to_owned(),
+        rep_times: Vec::new(),
         results: Results::new(),
         notes: BTreeSet::new(),
         stopped: BTreeMap::new(),
@@ -1389,13 +1901,38 @@ fn main() -> Result<()> {
     for &n in &sizes {
         let generated = Instant::now();
         let rules = rule_mix(n.max(1), args.seed);
-        if covers(&rules, SERVER_ADDR) {
+        if covers(&rules, &prefix_lens(&rules), u32::from(SERVER_ADDR)) {
             bail!("the traffic destination {SERVER} is inside the rule list");
+        }
+        // The same destinations for every mechanism at this N (they depend on the rule
+        // list: the denied ones are inside it). Never the set-up test's target.
+        let setup_target = rules
+            .iter()
+            .rev()
+            .find(|(_, l)| *l == 32)
+            .map(|(a, _)| Ipv4Addr::from(*a))
+            .unwrap_or(SERVER_ADDR);
+        let many = Destinations::new(
+            &rules,
+            destination_count,
+            args.deny_share,
+            args.seed,
+            &[SERVER_ADDR, setup_target],
+        )?;
+        many.install(&topo)?;
+        let denied_now = many.list.iter().filter(|(_, d)| *d).count();
+        let denied_asked = (destination_count as f64 * args.deny_share).round() as usize;
+        if denied_now < denied_asked {
+            suite.notes.insert(format!(
+                "N={n}: the rule list holds only {denied_now} distinct denied destinations (asked for {denied_asked}); the many-destination test used those."
+            ));
         }
         let prepared = Prepared::new(rules, &mechanisms);
         println!(
-            "N={n}: {} rules generated and formatted in {:.1} s",
+            "N={n}: {} rules generated and formatted, {} destinations routed ({} denied) in {:.1} s",
             prepared.rules.len(),
+            many.list.len(),
+            many.list.iter().filter(|(_, d)| *d).count(),
             generated.elapsed().as_secs_f64()
         );
         for rep in 0..reps {
@@ -1403,10 +1940,14 @@ fn main() -> Result<()> {
                 out_of_time = true;
                 break;
             }
+            let rep_started = Instant::now();
             // 1. Every mechanism's rule set applied afresh (set-up timed), then switched
             //    off but kept loaded.
             let mut loaded: Vec<(usize, &'static str, Filter, Run)> = Vec::new();
-            for (mi, &mechanism) in mechanisms.iter().enumerate() {
+            for &mechanism in &mechanisms {
+                // Results are keyed by the position in MECHANISMS (what the report
+                // looks up), not in the --mechanisms selection.
+                let mi = MECHANISMS.iter().position(|m| *m == mechanism).unwrap_or(0);
                 if suite.stopped.contains_key(mechanism) {
                     continue;
                 }
@@ -1521,6 +2062,7 @@ fn main() -> Result<()> {
                     Run {
                         rep,
                         sample: Sample::default(),
+                        base: Sample::default(),
                         phases: applied.phases,
                         apply: (mechanism != "none").then_some(applied.apply),
                         effective: applied.effective,
@@ -1529,32 +2071,72 @@ fn main() -> Result<()> {
                     },
                 ));
             }
-            // 2. Each test run for every mechanism back to back (seconds apart, so the
-            //    load of a shared machine hits them alike), one filter switched on at a
-            //    time; the order rotates with the repetition.
+            // 2. Each test runs for every mechanism back to back, one filter switched on at
+            //    a time, with a no-filter run before the first and after every mechanism
+            //    (none, A, none, B, none, …): each mechanism's baseline is the mean of the
+            //    two no-filter runs around it, seconds away, so slow drift of a shared
+            //    machine cancels (to first order) in the ratio. The mechanisms' order
+            //    rotates with the repetition.
             let traffic = Instant::now();
             {
                 let mut measurer = Measurer {
                     topo: &topo,
                     server_pid: iperf_server.0.id(),
                     secs,
+                    blast_secs,
+                    many: many.list.clone(),
+                    single: Arc::new(vec![(SERVER_ADDR, false)]),
                     notes: &mut suite.notes,
                 };
-                let k = loaded.len();
+                let none_pos = loaded.iter().position(|l| l.1 == "none");
+                let others: Vec<usize> =
+                    (0..loaded.len()).filter(|i| Some(*i) != none_pos).collect();
+                let rotated: Vec<usize> = (0..others.len())
+                    .map(|j| others[(j + rep) % others.len()])
+                    .collect();
+                let order: Vec<usize> = match none_pos {
+                    Some(np) => std::iter::once(np)
+                        .chain(rotated.iter().flat_map(|&i| [i, np]))
+                        .collect(),
+                    None => rotated,
+                };
                 for test in TESTS {
-                    for j in 0..k {
-                        let (_, mechanism, filter, run) = &mut loaded[(j + rep) % k];
+                    let mut got = Vec::with_capacity(order.len());
+                    for &i in &order {
+                        let (_, mechanism, filter, _) = &mut loaded[i];
                         let label = format!("{mechanism} N={n} rep {}", rep + 1);
                         if let Err(e) = applier.set_enabled(filter, true) {
                             measurer
                                 .notes
                                 .insert(format!("{label}: switching the filter on failed: {e:#}"));
+                            got.push(Sample::default());
                             continue;
                         }
-                        measurer.run(test, &label, &mut run.sample);
+                        got.push(measurer.run(test, &label, filter));
                         applier
                             .set_enabled(filter, false)
                             .with_context(|| format!("{label}: switching the filter off"))?;
+                    }
+                    for (pos, &i) in order.iter().enumerate() {
+                        if Some(i) == none_pos {
+                            continue;
+                        }
+                        let run = &mut loaded[i].3;
+                        run.sample.merge(&got[pos]);
+                        if none_pos.is_some() {
+                            run.base.merge(&Sample::mean(&[got[pos - 1], got[pos + 1]]));
+                        }
+                    }
+                    if let Some(np) = none_pos {
+                        let nones: Vec<Sample> = order
+                            .iter()
+                            .zip(&got)
+                            .filter(|(i, _)| **i == np)
+                            .map(|(_, s)| *s)
+                            .collect();
+                        let mean = Sample::mean(&nones);
+                        loaded[np].3.sample.merge(&mean);
+                        loaded[np].3.base.merge(&mean);
                     }
                 }
             }
@@ -1580,16 +2162,24 @@ fn main() -> Result<()> {
                 traffic.as_secs_f64(),
                 settle.as_secs_f64()
             );
+            suite.rep_times.push((n, rep, rep_started.elapsed()));
             for (mi, mechanism, mut run) in done {
                 run.settle = settle;
-                let sample = &run.sample;
+                let (sample, base) = (&run.sample, &run.base);
                 println!(
-                    "{mechanism:>14} N={n:>8} rep {}: {:>6.0} Mbit/s {:>8.0} pps cpu {:>5.1}% of a core, machine {:>3.0}% ({:.0} Mbit/s) ping {:.3}/{:.3} ms rr {:.0}/{:.0} us teardown {:.2} s",
+                    "{mechanism:>14} N={n:>8} rep {}: {:>6.0} Mbit/s ({:.3}) pps {:>7.0} ({:.3}) many {:>7.0} ({:.3}, leaked {:.2}) ns/pkt {:.0}/{:.0} cpu@1G {:.0} ns/pkt {:.1}% ({:.0} Mbit/s) ping {:.3}/{:.3} ms rr {:.0}/{:.0} us teardown {:.2} s",
                     rep + 1,
                     sample.udp_mbps,
+                    sample.udp_mbps / base.udp_mbps,
                     sample.pps,
+                    sample.pps / base.pps,
+                    sample.pps_many,
+                    sample.pps_many / base.pps_many,
+                    sample.many_denied_arrived,
+                    sample.ns_pkt,
+                    sample.ns_pkt_many,
+                    sample.cpu_ns_pkt,
                     sample.cpu_pct,
-                    sample.cpu_machine_pct,
                     sample.cpu_rate_mbps,
                     sample.ping_avg_ms,
                     sample.ping_p99_ms,
@@ -1603,6 +2193,11 @@ fn main() -> Result<()> {
                 suite.results.entry((mi, n)).or_default().push(run);
             }
         }
+        if let Err(e) = many.uninstall(&topo) {
+            suite.notes.insert(format!(
+                "N={n}: removing the destination routes failed: {e:#}"
+            ));
+        }
         if out_of_time {
             suite.notes.insert(format!(
                 "The {:.0}-minute time budget ran out at N={n}: later steps were not run.",
@@ -1612,6 +2207,7 @@ fn main() -> Result<()> {
         }
     }
     suite.took = suite_started.elapsed();
+    drop(bpf_stats);
     suite.background_after = busy_over(Duration::from_secs(2));
     drop(iperf_server);
     drop(topo);
