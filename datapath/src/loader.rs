@@ -155,14 +155,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
         .is_some_and(|ids| !ids.contains(&pinned_rules.0) || !ids.contains(&pinned_rules.1));
     let mut programs = Vec::new();
     for kind in ProgramKind::ALL {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(kind.name())
-            .ok_or_else(|| Error::Invalid(format!("program {} missing from object", kind.name())))?
-            .try_into()
-            .map_err(|e| Error::program(format!("program {}", kind.name()), e))?;
-        program
-            .load()
-            .map_err(|e| Error::program(format!("loading program {}", kind.name()), e))?;
+        let program = load_program(&mut ebpf, kind)?;
         let id = program
             .info()
             .map_err(|e| Error::program("reading program info", e))?
@@ -197,6 +190,18 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
 /// program in use (see `order`). Only while nothing is staged: it reads the pinned maps.
 pub fn load_copy(layout: &PinLayout, kind: ProgramKind) -> Result<std::os::fd::OwnedFd> {
     let mut ebpf = load_object(layout)?;
+    let program = load_program(&mut ebpf, kind)?;
+    let fd = program
+        .fd()
+        .map_err(|e| Error::program("program fd", e))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating the program fd", e))?;
+    Ok(fd)
+}
+
+/// Loads (verifies) one program section of the object.
+fn load_program(ebpf: &mut aya::Ebpf, kind: ProgramKind) -> Result<&mut SchedClassifier> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(kind.name())
         .ok_or_else(|| Error::Invalid(format!("program {} missing from object", kind.name())))?
@@ -205,13 +210,7 @@ pub fn load_copy(layout: &PinLayout, kind: ProgramKind) -> Result<std::os::fd::O
     program
         .load()
         .map_err(|e| Error::program(format!("loading program {}", kind.name()), e))?;
-    let fd = program
-        .fd()
-        .map_err(|e| Error::program("program fd", e))?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::io("duplicating the program fd", e))?;
-    Ok(fd)
+    Ok(program)
 }
 
 /// The embedded object, its maps bound to the pins under `layout` (created there when

@@ -300,9 +300,8 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// Sends one request and collects the reply messages (type, payload) until the answer
-/// is complete. Kernel errors come back as io::Error with the errno.
-fn request(msg_type: u16, flags: u16, payload: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
+/// A NETLINK_ROUTE socket.
+fn route_socket() -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: plain socket(2); wrapped in OwnedFd right away.
     let raw = unsafe {
         libc::socket(
@@ -315,7 +314,13 @@ fn request(msg_type: u16, flags: u16, payload: &[u8]) -> io::Result<Vec<(u16, Ve
         return Err(io::Error::last_os_error());
     }
     // SAFETY: raw is a fresh fd we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// Sends one request and collects the reply messages (type, payload) until the answer
+/// is complete. Kernel errors come back as io::Error with the errno.
+fn request(msg_type: u16, flags: u16, payload: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    let fd = route_socket()?;
     let fd_raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
 
     let total = NLMSG_HDRLEN + payload.len();
@@ -391,19 +396,7 @@ impl ChangeWatch {
     pub fn open() -> io::Result<Self> {
         const RTMGRP_LINK: u32 = 0x1;
         const RTMGRP_TC: u32 = 0x8;
-        // SAFETY: plain socket(2); wrapped in OwnedFd right away.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh fd we own.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let fd = route_socket()?;
         // SAFETY: sockaddr_nl zeroed, then the groups we want.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;

@@ -678,7 +678,7 @@ fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result
 
 /// Our own tools must not harm the machine they run on: nothing in the repository stops
 /// processes by name (that stops other people's too); benchmarks and tests stop what
-/// they started, by pid. Before, bench-suite ran a machine-wide `pkill iperf3`.
+/// they started, by pid. Before, bench-suite stopped every iperf3 on the machine by name.
 #[test]
 fn nothing_in_the_repository_kills_processes_by_name() -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
