@@ -184,12 +184,40 @@ impl AttachmentRecord {
 /// Temp file in the same directory, fsync, rename, fsync the directory: readers see the
 /// old or the new content, never a partial or empty file.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    write_atomically_like(path, contents, None)
+}
+
+/// [`write_atomically`], the file getting `like`'s owner and mode (a file being replaced
+/// keeps them: a 0600 file never shows up 0644, not even for a moment); without `like`,
+/// 0644. The temp name ends in no configuration extension: nothing loads it half-written.
+pub fn write_atomically_like(
+    path: &Path,
+    contents: &[u8],
+    like: Option<&fs::Metadata>,
+) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.egress-deny-tmp{}", std::process::id()));
     let write = || -> io::Result<()> {
-        let mut file = fs::File::create(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mode = match like {
+            Some(like) => {
+                // Owner first: chown may clear set-id bits that chmod then restores. Not
+                // being allowed to (not root) leaves the file ours, all we could do.
+                let _ = std::os::unix::fs::fchown(&file, Some(like.uid()), Some(like.gid()));
+                like.mode() & 0o7777
+            }
+            None => 0o644,
+        };
+        // Set explicitly: the mode given to open() is filtered by the umask.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;

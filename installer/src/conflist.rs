@@ -9,12 +9,11 @@
 //! new pods without us. The daemon reacts to the conf dir's inotify events at once, so
 //! that window is the time of one `ensure` (about a millisecond), not a debounce.
 use std::{
-    fs,
-    io::{self, Write as _},
-    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    fs, io,
     path::{Path, PathBuf},
 };
 
+use egress_deny_datapath::records::write_atomically_like;
 use serde_json::{Map, Value, json};
 
 pub const PLUGIN_TYPE: &str = "egress-deny";
@@ -50,6 +49,8 @@ pub enum ConflistError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Write(#[from] egress_deny_datapath::Error),
 }
 
 impl ConflistError {
@@ -410,38 +411,9 @@ fn conversion_target(source: &Path) -> Result<PathBuf, ConflistError> {
     })
 }
 
-/// Temp file in the same directory with `like`'s mode and owner, fsync, rename, fsync
-/// the directory: readers see the old or the new content, never a partial or empty
-/// file, and a 0600 file never shows up 0644 (not even for a moment).
+/// Atomically, keeping `like`'s mode and owner (see `write_atomically_like`).
 fn write_like(path: &Path, contents: &[u8], like: &fs::Metadata) -> Result<(), ConflistError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // Not a configuration extension: no runtime loads it half-written.
-    let tmp = dir.join(format!(
-        ".{}.egress-deny-tmp{}",
-        file_name(path),
-        std::process::id()
-    ));
-    let write = || -> io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // Owner first: chown may clear set-id bits that chmod then restores. Not being
-        // allowed to (not root) leaves the file ours, which is all we could do anyway.
-        let _ = std::os::unix::fs::fchown(&file, Some(like.uid()), Some(like.gid()));
-        // Set explicitly: the mode given to open() is filtered by the umask.
-        file.set_permissions(fs::Permissions::from_mode(like.mode() & 0o7777))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        ConflistError::io(format!("writing {}", path.display()), e)
-    })
+    Ok(write_atomically_like(path, contents, Some(like))?)
 }
 
 fn entry_matches(current: &Value, wanted: &Value) -> bool {
