@@ -45,16 +45,17 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout, repairs: &AtomicU64,
             continue;
         }
         match ensure_first_and_current(layout, &entry.path()) {
+            // Logged before counted: whoever sees the count can find the log line.
             Ok(Verified::Reordered) => {
-                repairs.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "another program was attached ahead of egress-deny ({name}); egress-deny is first again ({})",
                     trigger.as_str()
                 );
+                repairs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Verified::Moved) => {
-                repairs.fetch_add(1, Ordering::Relaxed);
                 log::info!("{name} ran an older program; moved to the one in use");
+                repairs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Verified::InPlace | Verified::Gone | Verified::Restored) => {}
             Err(e) => log::warn!("verifying {name}: {e}"),
@@ -90,16 +91,16 @@ fn netlink_attachments(
     for (ifname, hook, exempt) in pods.chain(hosts) {
         match ensure_filter_present(layout, &ifname, hook, exempt) {
             Ok(Verified::Restored) => {
-                repairs.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "the egress-deny filter on {ifname} {} was gone (filter or clsact deleted); attached again ({})",
                     hook.as_str(),
                     trigger.as_str()
                 );
+                repairs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Verified::Moved) => {
-                repairs.fetch_add(1, Ordering::Relaxed);
                 log::info!("{ifname} ran an older program; moved to the one in use");
+                repairs.fetch_add(1, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(e) => log::warn!("verifying the filter on {ifname}: {e}"),

@@ -562,11 +562,12 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
             .http("/metrics")
             .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
     })?;
-    assert!(
+    // The log line is written by the daemon's logger, possibly after the metric moved.
+    wait_until("the repair logged", Duration::from_secs(5), || {
         installer
             .log_text()
             .contains("attached ahead of egress-deny")
-    );
+    })?;
     // The other component's program stays attached, behind ours.
     let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
     let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
