@@ -49,6 +49,80 @@ impl RuleValue {
     }
 }
 
+/// Compiled rule tables: one per address family, held in an inner array map that the
+/// installer creates per rule set and swaps into slot 0 of the family's outer
+/// (`BPF_MAP_TYPE_ARRAY_OF_MAPS`) map with one update. The inner map is an array of
+/// `TABLE_BLOCK_BYTES` blocks; byte `o` of the table image is byte `o %
+/// TABLE_BLOCK_BYTES` of block `o / TABLE_BLOCK_BYTES`. Block 0 starts with a
+/// [`TableHeader`]; the direct table (one `u32` per bucket: the index of the range
+/// covering the bucket's first address) starts at block `direct_block`; the ranges
+/// (sorted by start, the first starting at address 0, disjoint, covering everything)
+/// start at block `range_block`, `ranges_per_block` to a block, never straddling one.
+/// A destination `x` is in bucket `x >> (BITS - direct_bits)`; the range deciding it is
+/// the last one starting at or below `x`, between the bucket's direct entry and the
+/// next bucket's (binary search).
+pub const TABLE_BLOCK_BYTES: usize = 1 << 16;
+/// `TableHeader::magic`: "EDT1".
+pub const TABLE_MAGIC: u32 = 0x4544_5431;
+pub const TABLE_MIN_DIRECT_BITS: u32 = 8;
+pub const TABLE_MAX_DIRECT_BITS: u32 = 24;
+/// Direct-table entries per block.
+pub const TABLE_DIRECT_PER_BLOCK: u32 = (TABLE_BLOCK_BYTES / 4) as u32;
+pub const V4_RANGES_PER_BLOCK: u32 = (TABLE_BLOCK_BYTES / core::mem::size_of::<V4Range>()) as u32;
+pub const V6_RANGES_PER_BLOCK: u32 = (TABLE_BLOCK_BYTES / core::mem::size_of::<V6Range>()) as u32;
+/// Binary-search steps the program takes at most: enough for any bucket of a table of
+/// 2^26 ranges (more than 2 × `MAX_RULES_PER_FAMILY` + 1).
+pub const TABLE_SEARCH_STEPS: usize = 27;
+/// Flags of the inner table maps (and of the template the outer maps are created with):
+/// `BPF_F_INNER_MAP` (inner maps of any size fit the slot) | `BPF_F_MMAPABLE`.
+pub const TABLE_MAP_FLAGS: u32 = 0x1000 | 0x400;
+
+/// Verdict word of a range: 0 when no rule covers it; otherwise `VERDICT_MATCHED`, plus
+/// `VERDICT_DENY` for a deny rule (none for a `!` exception), plus the deciding rule's
+/// prefix length in the low byte (the rule is the destination truncated to it).
+pub const VERDICT_MATCHED: u32 = 1 << 31;
+pub const VERDICT_DENY: u32 = 1 << 8;
+pub const VERDICT_PREFIX_MASK: u32 = 0xff;
+
+/// Start of block 0 of every table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableHeader {
+    pub magic: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// `TABLE_MIN_DIRECT_BITS..=TABLE_MAX_DIRECT_BITS`.
+    pub direct_bits: u32,
+    pub direct_block: u32,
+    pub range_block: u32,
+    /// Number of ranges (at least 1).
+    pub ranges: u32,
+    /// Blocks in the table (the inner map's max_entries).
+    pub blocks: u32,
+    pub _pad: u32,
+    /// Rules compiled into the table, for `status` and `lookup`.
+    pub deny_rules: u64,
+    pub allow_rules: u64,
+}
+
+/// One IPv4 range: from `start` (host order) to the next range's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Range {
+    pub start: u32,
+    pub verdict: u32,
+}
+
+/// One IPv6 range; the start in host order, high and low 64 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Range {
+    pub start_hi: u64,
+    pub start_lo: u64,
+    pub verdict: u32,
+    pub _pad: u32,
+}
+
 /// Key of the per-CPU counter map: the interface the program runs on. Pod attachments
 /// are host-side veths (tc ingress), host attachments are uplinks (tc egress); both live
 /// in the host network namespace, so the ifindex identifies the attachment.
@@ -165,6 +239,9 @@ mod user {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::TableHeader {}
+    unsafe impl aya::Pod for super::V4Range {}
+    unsafe impl aya::Pod for super::V6Range {}
 }
 
 #[cfg(test)]
@@ -180,5 +257,10 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 64);
         assert_eq!(size_of::<DatapathConfig>(), 8);
         assert_eq!(size_of::<DenyEvent>(), 40);
+        assert_eq!(size_of::<TableHeader>(), 48);
+        assert_eq!(size_of::<V4Range>(), 8);
+        assert_eq!(size_of::<V6Range>(), 24);
+        assert_eq!(V4_RANGES_PER_BLOCK, 8192);
+        assert_eq!(V6_RANGES_PER_BLOCK, 2730);
     }
 }
