@@ -24,6 +24,7 @@ pub mod records;
 pub mod rules;
 pub mod settings;
 pub mod sys;
+pub mod table;
 pub mod veth;
 
 pub use egress_deny_common as common;
