@@ -56,6 +56,9 @@ pub enum Error {
     )]
     UnsupportedLinkType { name: String, link_type: u16 },
 
+    #[error("rule table: {0}")]
+    Table(#[from] crate::table::TableError),
+
     #[error("{0}")]
     Invalid(String),
 }

@@ -11,21 +11,18 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::{ProgramInfo, SchedClassifier},
 };
-use egress_deny_common::{
-    Counters, EVENTS_RING_BYTES, MAX_ATTACHMENTS, MAX_RULES_PER_FAMILY, Settings,
-};
+use egress_deny_common::{Counters, EVENTS_RING_BYTES, MAX_ATTACHMENTS, Settings};
 
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
     paths::{
-        CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, SETTINGS_MAP, V4_RULES_MAP,
-        V6_RULES_MAP,
+        CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, RETIRED_MAPS, SETTINGS_MAP,
+        V4_TABLE_MAP, V6_TABLE_MAP,
     },
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// What a pinned map must look like to be reused.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,21 +36,22 @@ pub struct MapSpec {
 }
 
 pub const MAP_SPECS: [MapSpec; 6] = [
+    // One slot: the table in force (an inner map id).
     MapSpec {
-        name: V4_RULES_MAP,
-        map_type: MapType::LpmTrie,
-        key_size: 4 + 4,
+        name: V4_TABLE_MAP,
+        map_type: MapType::ArrayOfMaps,
+        key_size: 4,
         value_size: 4,
-        max_entries: MAX_RULES_PER_FAMILY,
-        flags: BPF_F_NO_PREALLOC,
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
-        name: V6_RULES_MAP,
-        map_type: MapType::LpmTrie,
-        key_size: 4 + 16,
+        name: V6_TABLE_MAP,
+        map_type: MapType::ArrayOfMaps,
+        key_size: 4,
         value_size: 4,
-        max_entries: MAX_RULES_PER_FAMILY,
-        flags: BPF_F_NO_PREALLOC,
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: COUNTERS_MAP,
@@ -165,6 +163,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
         } else {
             // A staged program of an interrupted upgrade is superseded by this one.
             let _ = fs::remove_file(layout.staged_program(kind));
+            unpin_retired_maps(layout);
             layout.program(kind)
         };
         let tmp_path = layout.root().join(format!("{}_new", kind.name()));
@@ -257,7 +256,26 @@ pub fn promote_staged(layout: &PinLayout) -> Result<bool> {
             .map_err(|e| Error::io(format!("promoting {}", staged.display()), e))?;
         promoted = true;
     }
+    if promoted {
+        unpin_retired_maps(layout);
+    }
     Ok(promoted)
+}
+
+/// Unpins the rule maps of older versions once no pinned program reads them (attached
+/// programs keep their maps alive until they are moved; the kernel frees them then).
+fn unpin_retired_maps(layout: &PinLayout) {
+    for name in RETIRED_MAPS {
+        let path = layout.map(name);
+        match fs::remove_file(&path) {
+            Ok(()) => log::info!(
+                "unpinned {}, the rule map of an older version",
+                path.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("unpinning {}: {e}", path.display()),
+        }
+    }
 }
 
 fn describe_mismatch(spec: &MapSpec, info: &MapInfo) -> Option<String> {

@@ -26,20 +26,25 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress-deny";
 pub const DEFAULT_STATE_DIR: &str = "/run/egress-deny";
 
 /// Map names: the names the eBPF object gives them and their pin names.
-pub const V4_RULES_MAP: &str = "v4_rules";
-pub const V6_RULES_MAP: &str = "v6_rules";
+/// The compiled rule tables (outer maps; the table in force is in slot 0).
+pub const V4_TABLE_MAP: &str = "v4_table";
+pub const V6_TABLE_MAP: &str = "v6_table";
 pub const COUNTERS_MAP: &str = "counters";
 pub const CONFIG_MAP: &str = "config";
 pub const EVENTS_MAP: &str = "events";
 pub const SETTINGS_MAP: &str = "settings";
 pub const ALL_MAPS: [&str; 6] = [
-    V4_RULES_MAP,
-    V6_RULES_MAP,
+    V4_TABLE_MAP,
+    V6_TABLE_MAP,
     COUNTERS_MAP,
     CONFIG_MAP,
     EVENTS_MAP,
     SETTINGS_MAP,
 ];
+
+/// Pins of maps older versions had (the LPM-trie rule maps): unpinned once the
+/// attachments run a program that does not read them.
+pub const RETIRED_MAPS: [&str; 2] = ["v4_rules", "v6_rules"];
 
 /// Program (function) names in the eBPF object, also their pin names.
 pub const PROGRAM_ETHERNET: &str = "egress_deny";

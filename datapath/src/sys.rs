@@ -9,6 +9,12 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_MAP_FREEZE: libc::c_long = 22;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -158,4 +164,87 @@ pub fn prog_name_by_id(id: u32) -> io::Result<String> {
     let bytes: Vec<u8> = info[16..20].iter().flat_map(|w| w.to_ne_bytes()).collect();
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// BPF_MAP_CREATE of an array map with u32 keys.
+pub fn array_map_create(
+    name: &str,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, BPF_MAP_TYPE_ARRAY); // map_type
+    set_u32(&mut attr, 1, 4); // key_size
+    set_u32(&mut attr, 2, value_size);
+    set_u32(&mut attr, 3, max_entries);
+    set_u32(&mut attr, 4, flags); // map_flags; inner_map_fd, numa_node = 0
+    // map_name: 16 bytes at byte 28 (u32 words 7..11), NUL-terminated.
+    let mut map_name = [0u8; 16];
+    let len = name.len().min(15);
+    map_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    for (i, chunk) in map_name.chunks(4).enumerate() {
+        set_u32(
+            &mut attr,
+            7 + i,
+            u32::from_ne_bytes(chunk.try_into().expect("4 bytes")),
+        );
+    }
+    bpf(BPF_MAP_CREATE, &mut attr).map(fd_from)
+}
+
+/// BPF_MAP_UPDATE_ELEM with `flags` (BPF_ANY = 0).
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_ptr() as u64;
+    attr[3] = flags;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// BPF_MAP_LOOKUP_ELEM into `value` (which must be the map's value size).
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    attr[1] = key.as_ptr() as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+/// BPF_MAP_GET_FD_BY_ID.
+pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, id); // map_id
+    bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).map(fd_from)
+}
+
+/// BPF_MAP_FREEZE: no more writes from userspace (programs only read our tables).
+pub fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr: Attr = [0; 16];
+    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
+    bpf(BPF_MAP_FREEZE, &mut attr).map(drop)
+}
+
+/// The leading fields of `struct bpf_map_info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let info = obj_info(map)?;
+    Ok(MapInfo {
+        map_type: info[0],
+        id: info[1],
+        key_size: info[2],
+        value_size: info[3],
+        max_entries: info[4],
+        flags: info[5],
+    })
 }

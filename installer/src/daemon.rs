@@ -35,9 +35,9 @@ use crate::{
     cli::RunArgs,
     conflist::{self, ConflistError, Ensured},
     metrics, node, repair,
-    rules::{self, Fingerprint, RuleSet, RulesError},
-    status::{DaemonStatus, RuleCounts, SyncStatus, now},
-    sync::{self, Baseline, SyncError, Syncer},
+    rules::{self, Fingerprint, RulesError},
+    status::{DaemonStatus, RuleCounts, SyncStatus, TableStatus, now},
+    sync::{self, FamilySwap, SyncError, Syncer},
 };
 
 pub const PLUGIN_NAME: &str = "egress-deny";
@@ -209,6 +209,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 
     let mut rules = RulesSync {
+        enforced: syncer.recorded().map(|r| r.rules.clone()),
+        tables: TableStatus::in_force(&layout),
         syncer,
         seen: None,
         cancel,
@@ -306,6 +308,10 @@ struct Seen {
 
 struct RulesSync {
     syncer: Syncer,
+    /// Rules in force, once known.
+    enforced: Option<RuleCounts>,
+    /// The tables in force and how the last of each was built.
+    tables: Vec<TableStatus>,
     seen: Option<Seen>,
     cancel: Arc<AtomicBool>,
     said_empty: bool,
@@ -419,37 +425,37 @@ impl RulesSync {
         for warning in sync::add_protections(&mut set, protections) {
             log::warn!("{warning}");
         }
-        let map_error = |e: SyncError| match e {
-            SyncError::Interrupted => Rejected::Interrupted,
-            e => Rejected::Transient(format!("{e:#}")),
-        };
-        match self
-            .syncer
-            .learn_baseline(&set, cancel)
-            .map_err(map_error)?
-        {
-            Some(Baseline::Recorded) => log::info!(
-                "the enforced rules are the previous daemon's and match the files: nothing to change"
-            ),
-            Some(Baseline::Walked) => log::info!("read the enforced rules back from the maps"),
-            None => {}
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Rejected::Interrupted);
         }
-        // After the baseline: only entries beyond what the maps hold need new memory.
-        sync::check_capacity(&set, self.syncer.enforced()).map_err(Rejected::Content)?;
-        let record = self.syncer.record_of(&set);
-        let state_dir = &args.state.state_dir;
-        let ops = self
+        let swaps = self.syncer.apply(&set).map_err(|e| match e {
+            SyncError::TooLarge(why) => Rejected::Content(why),
+            e => Rejected::Transient(format!("{e:#}")),
+        })?;
+        if swaps.is_empty() {
+            log::info!("the tables in force already hold these rules: nothing to swap");
+        }
+        for FamilySwap { family, swap } in &swaps {
+            log::info!(
+                "IPv{family} table swapped in: {} rules as {} ranges, {:.1} MiB, built in {} ms, swapped in {} µs",
+                swap.summary.deny_rules + swap.summary.allow_rules,
+                swap.summary.ranges,
+                swap.summary.bytes as f64 / f64::from(1 << 20),
+                swap.build.as_millis(),
+                swap.swap.as_micros()
+            );
+            let entry = TableStatus::of(*family, swap);
+            self.tables.retain(|t| t.family != *family);
+            self.tables.push(entry);
+            self.tables.sort_by_key(|t| t.family);
+        }
+        let record = self
             .syncer
-            .apply(set, cancel, || {
-                // From here the maps are a mix until the end: a daemon restarted
-                // meanwhile must read them back rather than trust the old record.
-                let mut status = shared.status.lock().expect("status");
-                status.enforced = None;
-                status.save(state_dir);
-            })
-            .map_err(map_error)?;
+            .record_of(&set)
+            .map_err(|e| Rejected::Transient(format!("{e:#}")))?;
+        self.enforced = Some(record.rules.clone());
         shared.status.lock().expect("status").enforced = Some(record);
-        Ok((ops, files, lines))
+        Ok((swaps.len(), files, lines))
     }
 
     fn finish(
@@ -460,16 +466,7 @@ impl RulesSync {
         outcome: Result<(usize, usize, usize), Rejected>,
     ) {
         let elapsed = started.elapsed();
-        let enforced = self
-            .syncer
-            .enforced()
-            .map(RuleSet::counts)
-            .map(|c| RuleCounts {
-                v4_deny: c.v4_deny,
-                v4_allow: c.v4_allow,
-                v6_deny: c.v6_deny,
-                v6_allow: c.v6_allow,
-            });
+        let enforced = self.enforced.clone();
         let mut status = shared.status.lock().expect("status");
         let previous = status.last_sync.clone().unwrap_or_default();
         let rules = enforced
@@ -478,7 +475,7 @@ impl RulesSync {
         let (ok, error, operations, files) = match outcome {
             Ok((ops, files, lines)) => {
                 log::info!(
-                    "rules synced in {} ms: {} ({ops} map operations, {files} files, {lines} lines)",
+                    "rules synced in {} ms: {} ({ops} tables swapped, {files} files, {lines} lines)",
                     elapsed.as_millis(),
                     CountsDisplay(&rules),
                 );
@@ -520,7 +517,7 @@ impl RulesSync {
             rules,
             operations,
             files,
-            pending_operations: self.syncer.pending(),
+            tables: self.tables.clone(),
         });
         status.save(&args.state.state_dir);
     }

@@ -5,7 +5,6 @@ mod daemon;
 mod logging;
 mod metrics;
 mod node;
-mod plan;
 mod repair;
 mod rules;
 mod rules_tools;

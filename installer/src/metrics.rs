@@ -426,15 +426,60 @@ pub fn render(shared: &Shared) -> String {
     );
     metric(
         &mut out,
-        "egress_deny_rules_pending_operations",
+        "egress_deny_table_bytes",
         "gauge",
-        "After a map update failed part-way: map operations between the maps and the desired rules (retried every tick; 0 when converged).",
+        "Kernel memory of the compiled rule table in force, per address family.",
     );
-    let _ = writeln!(
-        out,
-        "egress_deny_rules_pending_operations {}",
-        sync.pending_operations.unwrap_or(0)
+    for t in &sync.tables {
+        let _ = writeln!(
+            out,
+            "egress_deny_table_bytes{{family=\"ipv{}\"}} {}",
+            t.family, t.bytes
+        );
+    }
+    metric(
+        &mut out,
+        "egress_deny_table_ranges",
+        "gauge",
+        "Address ranges the rules compiled into, per address family.",
     );
+    for t in &sync.tables {
+        let _ = writeln!(
+            out,
+            "egress_deny_table_ranges{{family=\"ipv{}\"}} {}",
+            t.family, t.ranges
+        );
+    }
+    metric(
+        &mut out,
+        "egress_deny_table_build_seconds",
+        "gauge",
+        "Time to compile and write the last table swapped in, per address family.",
+    );
+    for t in &sync.tables {
+        if let Some(seconds) = t.build_seconds {
+            let _ = writeln!(
+                out,
+                "egress_deny_table_build_seconds{{family=\"ipv{}\"}} {seconds}",
+                t.family
+            );
+        }
+    }
+    metric(
+        &mut out,
+        "egress_deny_table_swap_seconds",
+        "gauge",
+        "Time of the map update that put the last table in force (includes the kernel's wait for programs still reading the old one), per address family.",
+    );
+    for t in &sync.tables {
+        if let Some(seconds) = t.swap_seconds {
+            let _ = writeln!(
+                out,
+                "egress_deny_table_swap_seconds{{family=\"ipv{}\"}} {seconds}",
+                t.family
+            );
+        }
+    }
     metric(
         &mut out,
         "egress_deny_host_interfaces_unfiltered",

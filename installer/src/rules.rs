@@ -28,21 +28,10 @@ use std::{
 use egress_deny_datapath::rules::Action;
 use ipnet::IpNet;
 
-/// One rule: a truncated prefix and its action. `A` is u32 (IPv4) or u128 (IPv6), host
-/// order, so that sorting is by address then length. 8 bytes for IPv4: a million rules
-/// take 8 MB.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Entry<A> {
-    pub addr: A,
-    pub len: u8,
-    pub action: Action,
-}
-
-impl<A: Copy + Ord> Entry<A> {
-    pub fn key(&self) -> (A, u8) {
-        (self.addr, self.len)
-    }
-}
+/// One rule: a truncated prefix and its action (`A` = u32 for IPv4, u128 for IPv6,
+/// host order, so that sorting is by address then length; 8 bytes for IPv4). The same
+/// type the table compiler reads.
+pub use egress_deny_datapath::table::Entry;
 
 /// What the two address families need from their address type.
 pub trait Address: Copy + Ord + Send + Sync + fmt::Debug + 'static {
@@ -97,14 +86,6 @@ impl RuleSet {
             v6_deny: deny6,
             v6_allow: self.v6.len() - deny6,
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.v4.len() + self.v6.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Adds an allow-exception (replacing a deny of exactly that prefix).

@@ -12,7 +12,7 @@ use egress_deny_datapath::{
     counters::CounterMap,
     paths::{PinLayout, StateLayout, host_link_ifname},
     records::{AttachmentRecord, write_atomically},
-    rules::RuleMaps,
+    rules::{RuleTables, Swap},
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,12 +41,63 @@ pub struct SyncStatus {
     pub error: Option<String>,
     /// Rules enforced after it (the previous set when it failed).
     pub rules: RuleCounts,
+    /// Tables swapped in by it (0-2: only families whose rules changed).
     pub operations: usize,
     pub files: usize,
-    /// After a map update failed part-way: map operations between what the maps hold
-    /// and the desired set (retried every tick until 0).
+    /// The tables in force and how the last of each was built.
+    #[serde(default)]
+    pub tables: Vec<TableStatus>,
+}
+
+/// One family's table in force.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TableStatus {
+    pub family: u8,
+    /// Kernel memory of the table (its map's blocks).
+    pub bytes: u64,
+    pub ranges: u32,
+    pub rules: u64,
+    /// Compiling and writing it, and the swap that put it in force; absent for a table
+    /// a previous daemon built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending_operations: Option<usize>,
+    pub build_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_seconds: Option<f64>,
+}
+
+impl TableStatus {
+    pub fn of(family: u8, swap: &Swap) -> Self {
+        Self {
+            family,
+            bytes: swap.summary.bytes,
+            ranges: swap.summary.ranges,
+            rules: swap.summary.deny_rules + swap.summary.allow_rules,
+            build_seconds: Some(swap.build.as_secs_f64()),
+            swap_seconds: Some(swap.swap.as_secs_f64()),
+        }
+    }
+
+    /// The tables in force now, read from the kernel (no timings).
+    pub fn in_force(layout: &PinLayout) -> Vec<Self> {
+        let Ok(snapshot) = RuleTables::open(layout).and_then(|t| t.snapshot()) else {
+            return Vec::new();
+        };
+        [4u8, 6]
+            .into_iter()
+            .filter_map(|family| {
+                let header = snapshot.header(family)?;
+                Some(Self {
+                    family,
+                    bytes: snapshot.table_bytes(family),
+                    ranges: header.ranges,
+                    rules: header.deny_rules + header.allow_rules,
+                    build_seconds: None,
+                    swap_seconds: None,
+                })
+            })
+            .collect()
+    }
 }
 
 /// What the daemon last enforced, so that a restarted daemon with unchanged rules need
@@ -217,8 +268,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The command itself failed (main's generic error code).
     pub const ERROR: u8 = 1;
-    /// Enforcing, but something needs attention: the last update was rejected, the
-    /// maps have not converged, or a host interface is not filtered.
+    /// Enforcing, but something needs attention: the last update was rejected, or a
+    /// host interface is not filtered.
     pub const DEGRADED: u8 = 2;
     /// Not enforcing: nothing installed, or no valid rule set loaded yet.
     pub const NOT_ENFORCING: u8 = 3;
@@ -253,7 +304,7 @@ pub fn run_status(args: &StateArgs) -> Result<u8> {
                 )?;
                 writeln!(
                     out,
-                    "last sync: {} ({}s ago), {} ms, {} map operations, {}",
+                    "last sync: {} ({}s ago), {} ms, {} tables swapped, {}",
                     rfc3339(sync.time),
                     now().saturating_sub(sync.time),
                     sync.duration_ms,
@@ -265,10 +316,24 @@ pub fn run_status(args: &StateArgs) -> Result<u8> {
                     }
                 )?;
             }
-            if let Some(pending) = status.last_sync.as_ref().and_then(|s| s.pending_operations) {
+            let built = status.last_sync.as_ref().map(|s| s.tables.clone());
+            for live in TableStatus::in_force(&layout) {
+                let timing = built
+                    .iter()
+                    .flatten()
+                    .find(|t| t.family == live.family && t.ranges == live.ranges)
+                    .and_then(|t| Some((t.build_seconds?, t.swap_seconds?)))
+                    .map(|(b, s)| {
+                        format!(", built in {:.0} ms, swapped in {:.0} µs", b * 1e3, s * 1e6)
+                    })
+                    .unwrap_or_default();
                 writeln!(
                     out,
-                    "NOT converged: {pending} map operations from the desired rules (retried every 2 s)"
+                    "IPv{} table: {} rules as {} ranges, {:.1} MiB of kernel memory{timing}",
+                    live.family,
+                    live.rules,
+                    live.ranges,
+                    live.bytes as f64 / f64::from(1 << 20),
                 )?;
             }
             writeln!(out, "sync errors: {}", status.sync_errors_total)?;
@@ -325,9 +390,7 @@ pub fn run_status(args: &StateArgs) -> Result<u8> {
     let rules_loaded =
         installed && egress_deny_datapath::events::rules_loaded(&layout).unwrap_or(false);
     let degraded = status.as_ref().is_some_and(|s| {
-        s.last_sync
-            .as_ref()
-            .is_some_and(|sync| !sync.ok || sync.pending_operations.is_some_and(|p| p > 0))
+        s.last_sync.as_ref().is_some_and(|sync| !sync.ok)
             || !s.host_interfaces_unfiltered.is_empty()
     });
     Ok(if !rules_loaded {
@@ -341,7 +404,9 @@ pub fn run_status(args: &StateArgs) -> Result<u8> {
 
 pub fn run_lookup(args: &LookupArgs) -> Result<()> {
     let layout = PinLayout::new(&args.state.pin_dir);
-    let maps = RuleMaps::open(&layout).context("opening the rule maps")?;
+    let tables = RuleTables::open(&layout)
+        .and_then(|t| t.snapshot())
+        .context("opening the rule tables")?;
     let state = StateLayout::new(&args.state.state_dir);
     let live = attachments(&layout, &state);
     let counters = CounterMap::open(&layout).ok();
@@ -350,7 +415,7 @@ pub fn run_lookup(args: &LookupArgs) -> Result<()> {
         .map(|s| s.nat64_prefixes)
         .unwrap_or_default();
     for addr in &args.addresses {
-        let d = maps.decide(*addr, &nat64)?;
+        let d = tables.decide(*addr, &nat64)?;
         let prefix = d
             .prefix
             .map(|p| p.to_string())

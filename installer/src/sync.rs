@@ -1,315 +1,123 @@
-//! Applying a parsed rule set to the pinned maps as a diff against what is enforced,
-//! in the gap-free phase order of `plan`.
-use std::{
-    net::IpAddr,
-    ops::ControlFlow,
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-};
+//! Making a parsed rule set the one in force: each family whose rules changed is compiled
+//! into a new table and swapped in whole (`datapath::rules`), so there is no
+//! intermediate state for a packet to slip through, and a rejected set leaves the old
+//! tables in force untouched.
+use std::net::IpAddr;
 
-use egress_deny_datapath::{paths::PinLayout, rules::RuleMaps};
+use egress_deny_datapath::{
+    paths::PinLayout,
+    rules::{RuleTables, Swap},
+    table::{self, Entry, Layout, TableKey},
+};
 use ipnet::IpNet;
 
-use crate::{
-    plan::{self, Phase},
-    rules::{Address, Entry, RuleSet},
-    status::EnforcedRecord,
-};
+use crate::{rules::RuleSet, status::EnforcedRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
     Map(#[from] egress_deny_datapath::Error),
-    #[error(
-        "interrupted (shutting down); the maps hold a mix of the old and new rules that denies everything both deny"
-    )]
-    Interrupted,
+    /// The set does not fit (rule count or memory): rejected before anything changed.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
-/// How the set enforced before the first sync was learnt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Baseline {
-    /// The previous daemon's record matched these maps and these rules: no walk.
-    Recorded,
-    /// Read back from the maps, entry by entry.
-    Walked,
+/// One family's swap, for logs, status and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct FamilySwap {
+    pub family: u8,
+    pub swap: Swap,
 }
 
 pub struct Syncer {
-    layout: PinLayout,
-    maps: RuleMaps,
-    /// What the maps hold, kept in memory so that each update is a diff. `None` until
-    /// the first sync after start: learnt then (see `apply`).
-    enforced: Option<RuleSet>,
-    /// What the previous daemon recorded as enforced, if anything.
+    tables: RuleTables,
+    /// Digest of each family's rules in force (IPv4, IPv6), once known.
+    in_force: Option<[u64; 2]>,
+    /// What the previous daemon recorded as enforced, if it describes these tables.
     recorded: Option<EnforcedRecord>,
-    map_ids: (u32, u32),
-    /// Map operations between the maps and the desired set after a failed update.
-    pending: Option<usize>,
 }
 
-/// Below this, one thread; above, the phase is fed to two (the trie serialises the
-/// insert itself, but the syscall work around it overlaps).
-const PARALLEL_THRESHOLD: usize = 20_000;
-const BATCH: usize = 4096;
-
 impl Syncer {
-    /// Opens the pinned maps. `recorded` is what the previous daemon recorded as
-    /// enforced (its status file), trusted only if it names these very maps.
+    /// Opens the pinned tables. `recorded` is what the previous daemon recorded as
+    /// enforced (its status file), trusted only if it names the tables in force.
     pub fn open(
         layout: &PinLayout,
         recorded: Option<EnforcedRecord>,
     ) -> egress_deny_datapath::Result<Self> {
-        let maps = RuleMaps::open(layout)?;
-        let map_ids = egress_deny_datapath::rules::rule_map_ids(layout)?;
-        let recorded = recorded.filter(|r| r.map_ids == [map_ids.0, map_ids.1]);
+        let tables = RuleTables::open(layout)?;
+        let ids = tables.table_ids()?;
+        let recorded = recorded.filter(|r| r.map_ids == [ids.0, ids.1] && ids != (0, 0));
         Ok(Self {
-            layout: layout.clone(),
-            maps,
-            enforced: None,
+            tables,
+            in_force: None,
             recorded,
-            map_ids,
-            pending: None,
         })
     }
 
-    /// The set enforced, once known (after the first sync attempt).
-    pub fn enforced(&self) -> Option<&RuleSet> {
-        self.enforced.as_ref()
-    }
-
-    /// After a failed update: how many map operations the maps are from the desired set.
-    pub fn pending(&self) -> Option<usize> {
-        self.pending
-    }
-
-    /// What the previous daemon recorded about these maps, until the first sync.
+    /// What the previous daemon recorded about these tables, until the first sync.
     pub fn recorded(&self) -> Option<&EnforcedRecord> {
         self.recorded.as_ref()
     }
 
-    /// The record describing `set` in these maps.
-    pub fn record_of(&self, set: &RuleSet) -> EnforcedRecord {
-        EnforcedRecord::new(set, [self.map_ids.0, self.map_ids.1])
-    }
-
-    /// Makes sure the enforced set is known: trusted from the record when it describes
-    /// exactly `new` (a restart with unchanged rules: nothing to walk, nothing to do),
-    /// read back from the maps otherwise.
-    pub fn learn_baseline(
-        &mut self,
-        new: &RuleSet,
-        cancel: &AtomicBool,
-    ) -> Result<Option<Baseline>, SyncError> {
-        if self.enforced.is_some() {
-            return Ok(None);
-        }
-        let recorded = self.recorded.take();
-        if recorded.is_some_and(|r| r.matches(new)) {
-            self.enforced = Some(new.clone());
-            return Ok(Some(Baseline::Recorded));
-        }
-        self.enforced = Some(read_enforced(&self.maps, cancel)?);
-        Ok(Some(Baseline::Walked))
-    }
-
-    /// Whether the maps hold any entry (cheap: the first key of each trie at most).
+    /// Whether the tables in force hold any rule (from before this daemon, too).
     pub fn maps_hold_rules(&self) -> bool {
-        if let Some(set) = &self.enforced {
-            return !set.is_empty();
-        }
-        let mut any = false;
-        let _ = self.maps.for_each_v4(|_, _, _| {
-            any = true;
-            ControlFlow::Break(())
-        });
-        let _ = self.maps.for_each_v6(|_, _, _| {
-            any = true;
-            ControlFlow::Break(())
-        });
-        any
+        self.tables.hold_rules()
     }
 
-    /// Applies `new` (after `learn_baseline`). Returns the number of map operations.
-    /// `before_changes` runs once before the first map operation, if there is one.
-    /// On failure the in-memory view is re-read from the maps (it is a mix).
-    pub fn apply(
-        &mut self,
-        new: RuleSet,
-        cancel: &AtomicBool,
-        before_changes: impl FnOnce(),
-    ) -> Result<usize, SyncError> {
-        let old = self.enforced.take().unwrap_or_default();
-        let counts4 = plan::count(&old.v4, &new.v4);
-        let counts6 = plan::count(&old.v6, &new.v6);
-        let ops = counts4.iter().chain(&counts6).sum();
-        if ops > 0 {
-            before_changes();
-        }
-        // Phase by phase, both families, so the ordering argument of `plan` holds.
-        let result = Phase::ORDER.into_iter().try_for_each(|phase| {
-            let i = phase.index();
-            self.run_phase(phase, &old.v4, &new.v4, counts4[i], cancel, V4)?;
-            self.run_phase(phase, &old.v6, &new.v6, counts6[i], cancel, V6)
-        });
-        match result {
-            Ok(()) => {
-                self.enforced = Some(new);
-                self.pending = None;
-                Ok(ops)
-            }
-            Err(e) => {
-                drop(old);
-                if !matches!(e, SyncError::Interrupted) {
-                    self.enforced = read_enforced(&self.maps, cancel).ok();
-                    // What is still to do: reported until a retry (every tick) converges.
-                    self.pending = self.enforced.as_ref().map(|actual| {
-                        plan::count(&actual.v4, &new.v4)
-                            .iter()
-                            .chain(&plan::count(&actual.v6, &new.v6))
-                            .sum()
-                    });
-                }
-                Err(e)
-            }
-        }
+    /// The record describing `set` in the tables now in force.
+    pub fn record_of(&self, set: &RuleSet) -> egress_deny_datapath::Result<EnforcedRecord> {
+        let ids = self.tables.table_ids()?;
+        Ok(EnforcedRecord::new(set, [ids.0, ids.1]))
     }
 
-    fn run_phase<A: Address>(
-        &mut self,
-        phase: Phase,
-        old: &[Entry<A>],
-        new: &[Entry<A>],
-        count: usize,
-        cancel: &AtomicBool,
-        family: Family<A>,
-    ) -> Result<(), SyncError> {
-        if count == 0 {
-            return Ok(());
-        }
-        let apply = |maps: &mut RuleMaps, e: &Entry<A>| -> egress_deny_datapath::Result<()> {
-            if phase.is_removal() {
-                (family.remove)(maps, e)
-            } else {
-                (family.upsert)(maps, e)
-            }
+    /// Makes `new` the set in force: a family whose rules are unchanged keeps its table
+    /// (a restart with unchanged rules swaps nothing). Checks first that the new tables
+    /// fit (`check`), so that a set too large is rejected whole.
+    pub fn apply(&mut self, new: &RuleSet) -> Result<Vec<FamilySwap>, SyncError> {
+        let digests = [family_digest(&new.v4), family_digest(&new.v6)];
+        let in_force = match (self.in_force, self.recorded.take()) {
+            (Some(d), _) => Some(d),
+            // The previous daemon's tables hold exactly these rules.
+            (None, Some(r)) if r.matches(new) => Some(digests),
+            _ => None,
         };
-        if count < PARALLEL_THRESHOLD {
-            let mut result = Ok(());
-            plan::walk(old, new, |p, e| {
-                if p == phase && result.is_ok() {
-                    result = apply(&mut self.maps, &e);
-                }
+        let changed = [0, 1].map(|i| in_force.is_none_or(|d| d[i] != digests[i]));
+        check(new, changed)?;
+        let mut swaps = Vec::new();
+        if changed[0] {
+            swaps.push(FamilySwap {
+                family: 4,
+                swap: self.tables.replace_v4(&new.v4)?,
             });
-            return Ok(result?);
         }
-        // The walk (cheap) feeds batches to two appliers (one syscall per entry).
-        let (tx, rx) = mpsc::sync_channel::<Vec<Entry<A>>>(4);
-        let rx = Mutex::new(rx);
-        let failed = AtomicBool::new(false);
-        let mut helper_maps = RuleMaps::open(&self.layout)?;
-        let worker = |maps: &mut RuleMaps| -> Result<(), SyncError> {
-            loop {
-                let batch = match rx.lock().expect("batch queue").recv() {
-                    Ok(batch) => batch,
-                    Err(_) => return Ok(()),
-                };
-                if cancel.load(Ordering::Relaxed) {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(SyncError::Interrupted);
-                }
-                if let Err(e) = batch.iter().try_for_each(|e| apply(maps, e)) {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e.into());
-                }
-            }
-        };
-        let maps = &mut self.maps;
-        std::thread::scope(|scope| {
-            let a = scope.spawn(|| worker(maps));
-            let b = scope.spawn(|| worker(&mut helper_maps));
-            let mut batch = Vec::with_capacity(BATCH);
-            plan::walk(old, new, |p, e| {
-                if p != phase || failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                batch.push(e);
-                if batch.len() == BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                    let _ = tx.send(full);
-                }
+        // The IPv4 table is in force now: record that much before the IPv6 one.
+        self.in_force = Some([digests[0], in_force.map_or(0, |d| d[1])]);
+        if changed[1] {
+            swaps.push(FamilySwap {
+                family: 6,
+                swap: self.tables.replace_v6(&new.v6)?,
             });
-            if !batch.is_empty() {
-                let _ = tx.send(batch);
-            }
-            drop(tx);
-            let ra = a.join().unwrap_or_else(|_| Err(panicked()));
-            let rb = b.join().unwrap_or_else(|_| Err(panicked()));
-            ra.and(rb)
-        })
+        }
+        self.in_force = Some(digests);
+        Ok(swaps)
     }
 }
 
-fn panicked() -> SyncError {
-    SyncError::Map(egress_deny_datapath::Error::Invalid(
-        "map worker panicked".into(),
-    ))
-}
-
-/// The map operations of one address family.
-struct Family<A> {
-    upsert: fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()>,
-    remove: fn(&mut RuleMaps, &Entry<A>) -> egress_deny_datapath::Result<()>,
-}
-
-const V4: Family<u32> = Family {
-    upsert: |m, e| m.insert_v4(e.addr.to_be_bytes(), e.len, e.action),
-    remove: |m, e| m.remove_v4(e.addr.to_be_bytes(), e.len),
-};
-
-const V6: Family<u128> = Family {
-    upsert: |m, e| m.insert_v6(e.addr.to_be_bytes(), e.len, e.action),
-    remove: |m, e| m.remove_v6(e.addr.to_be_bytes(), e.len),
-};
-
-/// Reads every entry back from the maps (two syscalls per entry: slow for millions).
-fn read_enforced(maps: &RuleMaps, cancel: &AtomicBool) -> Result<RuleSet, SyncError> {
-    let mut set = RuleSet::default();
-    let mut seen = 0usize;
-    let mut go_on = || {
-        seen += 1;
-        if seen.is_multiple_of(4096) && cancel.load(Ordering::Relaxed) {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
+/// FNV-1a over one family's entries: tells an unchanged family apart cheaply.
+fn family_digest<A: TableKey>(entries: &[Entry<A>]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |x: u64| {
+        h ^= x;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     };
-    maps.for_each_v4(|octets, len, action| {
-        set.v4.push(Entry {
-            addr: u32::from_be_bytes(octets),
-            len,
-            action,
-        });
-        go_on()
-    })?;
-    maps.for_each_v6(|octets, len, action| {
-        set.v6.push(Entry {
-            addr: u128::from_be_bytes(octets),
-            len,
-            action,
-        });
-        go_on()
-    })?;
-    if cancel.load(Ordering::Relaxed) {
-        return Err(SyncError::Interrupted);
+    mix(entries.len() as u64);
+    for e in entries {
+        let wide = e.addr.widen();
+        mix(wide as u64);
+        mix((wide >> 64) as u64);
+        mix((u64::from(e.len) << 8) | e.action as u64);
     }
-    u32::sort(&mut set.v4);
-    u128::sort(&mut set.v6);
-    set.v4.shrink_to_fit();
-    Ok(set)
+    h
 }
 
 /// Destinations that must stay reachable: the API server, the default gateways and the
@@ -353,70 +161,45 @@ pub fn add_protections(rules: &mut RuleSet, protected: &[(IpNet, String)]) -> Ve
     warnings
 }
 
-/// Kernel memory one LPM-trie entry costs, measured (tests/BENCHMARKS.md: 140-153 B of
-/// slab per rule at 1M-10M rules), rounded up.
-const KERNEL_BYTES_PER_RULE: u64 = 160;
-
-/// Refuses, before touching the maps, a set the maps cannot hold. An update adds new
-/// entries before it removes old ones (gap-free order), so the maps hold the old set plus
-/// every new key at its peak: that must fit the maps' capacity per family and, when the
-/// daemon runs under a cgroup memory limit (map memory is charged there), the memory
-/// left. Failing part-way would leave a half-applied update; this rejects it whole with
-/// the numbers.
-pub fn check_capacity(new: &RuleSet, enforced: Option<&RuleSet>) -> Result<(), String> {
+/// Refuses, before anything changes, a set the tables cannot hold: more rules per
+/// family than the program's search is bounded for, or new tables that do not fit the
+/// memory the daemon's cgroup has left (table memory is charged there, and the old
+/// table stays until the new one is in force, so both exist at the swap).
+pub fn check(new: &RuleSet, changed: [bool; 2]) -> Result<(), SyncError> {
     let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY as usize;
-    let empty = RuleSet::default();
-    let old = enforced.unwrap_or(&empty);
-    let added4 = added_keys(&old.v4, &new.v4);
-    let added6 = added_keys(&old.v6, &new.v6);
-    for (family, now, added, final_len) in [
-        ("IPv4", old.v4.len(), added4, new.v4.len()),
-        ("IPv6", old.v6.len(), added6, new.v6.len()),
-    ] {
-        if final_len > capacity {
-            return Err(format!(
-                "{final_len} {family} entries exceed the rule map's capacity of {capacity}"
-            ));
+    for (family, len) in [("IPv4", new.v4.len()), ("IPv6", new.v6.len())] {
+        if len > capacity {
+            return Err(SyncError::TooLarge(format!(
+                "{len} {family} rules exceed the table's capacity of {capacity}"
+            )));
         }
-        if now + added > capacity {
-            return Err(format!(
-                "replacing {now} {family} entries by {final_len} holds {} at once (new ones are added before old ones go, so that nothing is ever allowed in between), over the rule map's capacity of {capacity}: apply it in two smaller updates",
-                now + added
-            ));
-        }
+    }
+    let bytes = |summary: Result<table::TableSummary, table::TableError>| {
+        summary
+            .map(|s| s.bytes)
+            .map_err(|e| SyncError::TooLarge(e.to_string()))
+    };
+    let mut needed = 0;
+    if changed[0] {
+        needed += bytes(table::Plan::new(&new.v4, Layout::default()).map(|p| p.summary()))?;
+    }
+    if changed[1] {
+        needed += bytes(table::Plan::new(&new.v6, Layout::default()).map(|p| p.summary()))?;
     }
     let Some((limit, used)) = cgroup_memory() else {
         return Ok(());
     };
-    let growth = (added4 + added6) as u64;
-    let needed = growth * KERNEL_BYTES_PER_RULE;
     // Keep a tenth of the limit for the daemon itself (parsing the next update).
     let room = (limit - limit / 10).saturating_sub(used);
     if needed > room {
-        return Err(format!(
-            "{} more rules need about {} MiB of kernel memory, but the daemon's cgroup has {} MiB left of its {} MiB limit (raise the DaemonSet's memory limit)",
-            growth,
+        return Err(SyncError::TooLarge(format!(
+            "the new rule tables need {} MiB of kernel memory, but the daemon's cgroup has {} MiB left of its {} MiB limit (raise the DaemonSet's memory limit)",
             needed >> 20,
             room >> 20,
             limit >> 20
-        ));
+        )));
     }
     Ok(())
-}
-
-/// How many prefixes of `new` are not in `old` (both sorted by key, as parsed and as
-/// read back): the entries an update adds.
-fn added_keys<A: Address>(old: &[Entry<A>], new: &[Entry<A>]) -> usize {
-    let (mut i, mut added) = (0, 0);
-    for e in new {
-        while i < old.len() && old[i].key() < e.key() {
-            i += 1;
-        }
-        if i >= old.len() || old[i].key() != e.key() {
-            added += 1;
-        }
-    }
-    added
 }
 
 /// (limit, usage) in bytes of this process's memory cgroup, if it has a limit: cgroup v2
@@ -456,7 +239,7 @@ fn cgroup_memory() -> Option<(u64, u64)> {
 }
 
 #[cfg(test)]
-mod capacity_tests {
+mod tests {
     use super::*;
     use egress_deny_datapath::rules::Action;
 
@@ -471,38 +254,23 @@ mod capacity_tests {
     }
 
     #[test]
-    fn added_keys_counts_prefixes_new_to_the_maps() {
-        assert_eq!(added_keys(&entries(0..10), &entries(5..15)), 5);
-        assert_eq!(added_keys(&entries(0..10), &entries(0..10)), 0);
-        assert_eq!(added_keys(&[], &entries(0..3)), 3);
-        // An action change is an update in place, not a new entry.
-        let mut flipped = entries(0..3);
-        flipped[1].action = Action::Allow;
-        assert_eq!(added_keys(&entries(0..3), &flipped), 0);
+    fn more_rules_than_the_table_holds_are_rejected_whole() {
+        let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY;
+        let set = RuleSet {
+            v4: entries(0..capacity + 1),
+            v6: Vec::new(),
+        };
+        let err = check(&set, [true, false]).unwrap_err().to_string();
+        assert!(err.contains("capacity"), "{err}");
     }
 
     #[test]
-    fn the_peak_of_a_replacement_must_fit_the_maps() {
-        let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY;
-        let old = RuleSet {
-            v4: entries(0..capacity / 2 + 1),
-            v6: Vec::new(),
-        };
-        let disjoint = RuleSet {
-            v4: entries(capacity..capacity + capacity / 2 + 1),
-            v6: Vec::new(),
-        };
-        let err = check_capacity(&disjoint, Some(&old)).unwrap_err();
-        assert!(err.contains("two smaller updates"), "{err}");
-        // The same size overlapping mostly: fine.
-        let shifted = RuleSet {
-            v4: entries(10..capacity / 2 + 11),
-            v6: Vec::new(),
-        };
-        assert!(
-            check_capacity(&shifted, Some(&old))
-                .err()
-                .is_none_or(|e| e.contains("cgroup")),
-        );
+    fn family_digests_tell_changes_apart() {
+        let a = entries(0..10);
+        let mut b = a.clone();
+        b[3].action = Action::Allow;
+        assert_ne!(family_digest(&a), family_digest(&b));
+        assert_eq!(family_digest(&a), family_digest(&a.clone()));
+        assert_ne!(family_digest(&a), family_digest(&entries(0..11)));
     }
 }

@@ -3,7 +3,26 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
+use egress_deny_datapath::{
+    paths::PinLayout,
+    rules::{Action, RuleTables, Swap},
+    table::Entry,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// Makes `rules` (sorted and deduplicated, as [`rule_mix`] returns them) the IPv4 deny
+/// table in force, swapped in whole as the installer does.
+pub fn deny_v4(layout: &PinLayout, rules: &[(u32, u8)]) -> Result<Swap> {
+    let entries: Vec<Entry<u32>> = rules
+        .iter()
+        .map(|&(addr, len)| Entry {
+            addr,
+            len,
+            action: Action::Deny,
+        })
+        .collect();
+    Ok(RuleTables::open(layout)?.replace_v4(&entries)?)
+}
 
 /// Random global-unicast IPv4 prefixes, ≈89% /32, 10% /24, 1% /16 (the mix of the
 /// published egress-filtering benchmark), deduplicated, with a fixed seed. Never inside

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use egress_deny_datapath::{
     attach::{pinned_link_state, pinned_program},
-    paths::{ProgramKind, V4_RULES_MAP},
+    paths::{ProgramKind, V4_TABLE_MAP},
 };
 use egress_deny_tests::{
     cni::{ALLOWED, CniNode, DENIED, Primary},
@@ -27,31 +27,55 @@ fn node_with_bridge() -> Result<(CniNode, InstallerDirs, std::path::PathBuf)> {
     Ok((node, dirs, conflist))
 }
 
-/// Pins a new, empty v4 rule map (LPM trie, key 8, value 4) of `entries` at `path`,
-/// where the old one's pin was removed: what another version (a different size) or a
-/// daemon killed right after creating the replacement (the same size) leaves behind.
-fn pin_v4_map_in_place_of(path: &std::path::Path, entries: impl ToString) -> Result<()> {
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &path.display().to_string(),
-            "type",
-            "lpm_trie",
-            "key",
-            "8",
-            "value",
-            "4",
-            "entries",
-            &entries.to_string(),
-            "name",
-            "v4_rules",
-            "flags",
-            "1",
-        ],
-    )?;
-    Ok(())
+/// Pins a new v4 table map at `path`, where the old one's pin was removed: what another
+/// version (`Compatible::No`: a plain array) or a daemon killed right after creating the
+/// replacement (`Compatible::Yes`: an empty outer map of this version's shape) leaves
+/// behind.
+fn pin_v4_map_in_place_of(path: &std::path::Path, compatible: Compatible) -> Result<()> {
+    let path = path.display().to_string();
+    let map = |args: &[&str]| -> Result<()> {
+        let mut all = vec!["map", "create"];
+        all.extend_from_slice(args);
+        run("bpftool", &all).map(drop)
+    };
+    match compatible {
+        Compatible::No => map(&[
+            &path, "type", "array", "key", "4", "value", "4", "entries", "1", "name", "v4_table",
+        ]),
+        Compatible::Yes => {
+            // The inner-map template: a table block array of this version's flags.
+            let template = format!("{path}_template");
+            let block = egress_deny_common::TABLE_BLOCK_BYTES.to_string();
+            let flags = egress_deny_common::TABLE_MAP_FLAGS.to_string();
+            map(&[
+                &template, "type", "array", "key", "4", "value", &block, "entries", "1", "name",
+                "tmpl", "flags", &flags,
+            ])?;
+            map(&[
+                &path,
+                "type",
+                "array_of_maps",
+                "key",
+                "4",
+                "value",
+                "4",
+                "entries",
+                "1",
+                "name",
+                "v4_table",
+                "inner_map",
+                "pinned",
+                &template,
+            ])?;
+            std::fs::remove_file(&template)?;
+            Ok(())
+        }
+    }
+}
+
+enum Compatible {
+    Yes,
+    No,
 }
 
 fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
@@ -76,9 +100,9 @@ fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> 
     installer.stop()?;
 
     // The old program keeps its map (the kernel holds it); the pin now names another.
-    let v4 = dirs.layout().map(V4_RULES_MAP);
+    let v4 = dirs.layout().map(V4_TABLE_MAP);
     std::fs::remove_file(&v4)?;
-    pin_v4_map_in_place_of(&v4, 1024)?;
+    pin_v4_map_in_place_of(&v4, Compatible::No)?;
     dirs.publish_rules(&[("rules", b"198.51.100.0/33\n")])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     wait_until("the broken rules rejected", Duration::from_secs(20), || {
@@ -151,11 +175,11 @@ fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
     let old_program = program_in_use(&dirs)?;
     installer.stop()?;
 
-    let v4 = dirs.layout().map(V4_RULES_MAP);
+    let v4 = dirs.layout().map(V4_TABLE_MAP);
     std::fs::remove_file(&v4)?;
     // Compatible with this version, but empty: what a daemon killed right after
     // creating the replacement leaves behind.
-    pin_v4_map_in_place_of(&v4, egress_deny_common::MAX_RULES_PER_FAMILY)?;
+    pin_v4_map_in_place_of(&v4, Compatible::Yes)?;
     dirs.publish_rules(&[("rules", b"not a rule\n")])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
     wait_until("the broken rules rejected", Duration::from_secs(20), || {
@@ -656,9 +680,9 @@ fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result
         previous = now;
     }
     installer.stop()?;
-    let v4 = dirs.layout().map(V4_RULES_MAP);
+    let v4 = dirs.layout().map(V4_TABLE_MAP);
     std::fs::remove_file(&v4)?;
-    pin_v4_map_in_place_of(&v4, 64)?;
+    pin_v4_map_in_place_of(&v4, Compatible::No)?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     installer.wait_ready()?;
     let now = program_in_use(&dirs)?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use egress_deny_datapath::{
     attach, loader,
-    rules::{Action, RuleMaps},
+    rules::{Action, RuleTables},
 };
 use egress_deny_tests::{
     cni::{
@@ -19,7 +19,7 @@ use egress_deny_tests::{
 use serde_json::json;
 
 fn deny(node: &CniNode, cidr: &str) -> Result<()> {
-    RuleMaps::open(&node.pins.layout)?.insert(cidr.parse()?, Action::Deny)?;
+    RuleTables::open(&node.pins.layout)?.insert(cidr.parse()?, Action::Deny)?;
     Ok(())
 }
 
@@ -95,7 +95,7 @@ fn a_rule_added_after_add_applies_to_the_running_pod() -> Result<()> {
         0,
         "new rule not enforced"
     );
-    RuleMaps::open(&node.pins.layout)?.insert(format!("{DENIED}/32").parse()?, Action::Allow)?;
+    RuleTables::open(&node.pins.layout)?.insert(format!("{DENIED}/32").parse()?, Action::Allow)?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         5,

@@ -13,7 +13,7 @@ use egress_deny_datapath::{
     counters::CounterMap,
     iface,
     netns::NetnsGuard,
-    rules::{Action, RuleMaps},
+    rules::{Action, RuleTables},
 };
 use egress_deny_tests::{
     Netns, PinDir, open_tun,
@@ -102,7 +102,7 @@ fn enforce_and_release(mode: AttachMode) -> Result<()> {
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    let mut rules = RuleMaps::open(&pins.layout)?;
+    let rules = RuleTables::open(&pins.layout)?;
     rules.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
     rules.insert("2001:db8:dead::/48".parse()?, Action::Deny)?;
 
@@ -219,7 +219,7 @@ fn attachment_survives_the_attaching_process_and_reattach_is_idempotent() -> Res
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    RuleMaps::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
+    RuleTables::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
     let first = attach_host_side(&pins, &topo, AttachMode::Tcx)?;
     // Every handle this process had is dropped; only the pin keeps the link.
     let again = attach_host_side(&pins, &topo, AttachMode::Tcx)?;
@@ -261,7 +261,7 @@ fn l3_device_on_tc_egress_gets_the_l3_program_and_drops_denied() -> Result<()> {
     host.ip(&format!("link set {tun_name} up"))?;
     host.ip(&format!("route add 198.51.100.0/24 dev {tun_name}"))?;
     host.ip(&format!("route add 192.0.2.0/24 dev {tun_name}"))?;
-    RuleMaps::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
+    RuleTables::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
 
     let attachment = {
         let _guard = NetnsGuard::enter(&host.path())?;

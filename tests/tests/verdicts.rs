@@ -6,7 +6,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use egress_deny_datapath::{
     counters::CounterMap,
     paths::ProgramKind,
-    rules::{Action, RuleMaps},
+    rules::{Action, RuleTables},
 };
 use egress_deny_tests::{
     PinDir,
@@ -62,8 +62,8 @@ fn vid0_tags(tpid: u16, count: usize) -> Vec<(u16, u16)> {
     vec![(tpid, 0); count]
 }
 
-fn load_rules(pins: &PinDir, rules: &[(&str, Action)]) -> RuleMaps {
-    let mut maps = RuleMaps::open(&pins.layout).expect("open rule maps");
+fn load_rules(pins: &PinDir, rules: &[(&str, Action)]) -> RuleTables {
+    let maps = RuleTables::open(&pins.layout).expect("open rule maps");
     for (net, action) in rules {
         maps.insert(net.parse::<IpNet>().unwrap(), *action)
             .expect("insert rule");
@@ -577,7 +577,7 @@ fn removing_a_rule_changes_the_verdict_and_empty_maps_allow_everything() {
             Expect::Continue,
         )],
     );
-    let mut maps = load_rules(
+    let maps = load_rules(
         &pins,
         &[
             ("203.0.113.9/32", Action::Deny),

@@ -16,7 +16,7 @@ use egress_deny_datapath::{
     counters::CounterMap,
     iface,
     netns::NetnsGuard,
-    rules::{Action, RuleMaps},
+    rules::{Action, RuleTables},
 };
 use egress_deny_tests::{Netns, PinDir, packet, probe::CpuPin, require_root};
 
@@ -370,7 +370,7 @@ fn stacked_vid0_vlan_tags_do_not_bypass_the_filter() -> Result<()> {
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    let mut rules = RuleMaps::open(&pins.layout)?;
+    let rules = RuleTables::open(&pins.layout)?;
     rules.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
     rules.insert("2001:db8:dead::/48".parse()?, Action::Deny)?;
     let sender = RawSender::open(&topo.pod)?;

@@ -4,50 +4,12 @@
 //! and userspace agree on the byte layout without relying on compiler padding.
 #![no_std]
 
-/// Maximum rules per address family. LPM tries allocate per element (no prealloc), so
-/// this is a ceiling, not a reservation; it must stay above 10,000,000.
+/// Maximum rules per address family (a ceiling, not a reservation: each table is sized
+/// to its rule set); it must stay above 10,000,000.
 pub const MAX_RULES_PER_FAMILY: u32 = 1 << 24;
 
 /// Maximum number of attachments (pod veths + host interfaces) with live counters.
 pub const MAX_ATTACHMENTS: u32 = 1 << 16;
-
-/// Verdict stored for a prefix in the rule tries.
-pub const ACTION_ALLOW: u8 = 0;
-pub const ACTION_DENY: u8 = 1;
-
-/// Value of an LPM-trie entry: the action for destinations whose longest matching prefix
-/// is this entry. Allow entries are the `!CIDR` exceptions of the rule format. The entry's
-/// own prefix length is repeated here because a kernel LPM lookup returns only the value,
-/// and `lookup`/deny events want to name the deciding prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RuleValue {
-    pub action: u8,
-    pub prefix_len: u8,
-    pub _pad: [u8; 2],
-}
-
-impl RuleValue {
-    pub const fn deny(prefix_len: u8) -> Self {
-        Self {
-            action: ACTION_DENY,
-            prefix_len,
-            _pad: [0; 2],
-        }
-    }
-
-    pub const fn allow(prefix_len: u8) -> Self {
-        Self {
-            action: ACTION_ALLOW,
-            prefix_len,
-            _pad: [0; 2],
-        }
-    }
-
-    pub const fn is_deny(&self) -> bool {
-        self.action == ACTION_DENY
-    }
-}
 
 /// Compiled rule tables: one per address family, held in an inner array map that the
 /// installer creates per rule set and swaps into slot 0 of the family's outer
@@ -233,7 +195,6 @@ pub struct DenyEvent {
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, repr(C), no implicit padding.
-    unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::DatapathConfig {}
@@ -251,7 +212,6 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<RuleValue>(), 4);
         assert_eq!(size_of::<CounterKey>(), 4);
         assert_eq!(size_of::<Counters>(), 56);
         assert_eq!(size_of::<Settings>(), 64);

@@ -1,13 +1,15 @@
 //! The egress-deny tc classifier.
 //!
-//! Decides every packet by its destination address: one longest-prefix-match lookup in
-//! the node-wide rule trie of its family; the matched entry is either a deny rule or an
-//! `!` allow-exception. Attached to pod veths (tc ingress) and host uplinks (tc egress).
+//! Decides every packet by its destination address: one lookup in the node-wide compiled
+//! rule table of its family, which says the longest matching prefix's action (a deny
+//! rule or an `!` allow-exception) and length. Attached to pod veths (tc ingress) and host uplinks (tc egress).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod program;
+#[cfg(target_arch = "bpf")]
+mod table;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {

@@ -4,22 +4,19 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use egress_deny_common::{
     CounterKey, Counters, DatapathConfig, DenyEvent, EVENTS_RING_BYTES, FAMILY_NAT64,
-    FAMILY_UNREADABLE, FAMILY_V4, FAMILY_V6, MAX_ATTACHMENTS, MAX_NAT64_PREFIXES,
-    MAX_RULES_PER_FAMILY, RuleValue, Settings,
+    FAMILY_UNREADABLE, FAMILY_V4, FAMILY_V6, MAX_ATTACHMENTS, MAX_NAT64_PREFIXES, Settings,
+    VERDICT_PREFIX_MASK,
 };
 
-// Map names are part of the bpffs layout (see datapath::paths); keep them in sync.
-#[map(name = "v4_rules")]
-static V4_RULES: LpmTrie<[u8; 4], RuleValue> = LpmTrie::with_max_entries(MAX_RULES_PER_FAMILY, 0);
+use crate::table::{self, Corrupt};
 
-#[map(name = "v6_rules")]
-static V6_RULES: LpmTrie<[u8; 16], RuleValue> = LpmTrie::with_max_entries(MAX_RULES_PER_FAMILY, 0);
-
+// Map names are part of the bpffs layout (see datapath::paths); keep them in sync. The
+// rule tables (`v4_table`, `v6_table`) are in `table`.
 #[map(name = "counters")]
 static COUNTERS: PerCpuHashMap<CounterKey, Counters> =
     PerCpuHashMap::with_max_entries(MAX_ATTACHMENTS, 0);
@@ -63,9 +60,21 @@ struct Match {
 }
 
 /// The packet claims to be IP but its destination address cannot be read, or its VLAN
-/// tag chain is truncated or deeper than we parse. We drop rather than guess (fail
-/// closed).
+/// tag chain is truncated or deeper than we parse, or the rule table cannot be read. We
+/// drop rather than guess (fail closed).
 struct Unreadable;
+
+impl From<Corrupt> for Unreadable {
+    fn from(_: Corrupt) -> Self {
+        Unreadable
+    }
+}
+
+/// The deny rule's prefix length, when `verdict` denies.
+#[inline(always)]
+fn denied_by(verdict: u32) -> Option<u8> {
+    table::denies(verdict).then_some((verdict & VERDICT_PREFIX_MASK) as u8)
+}
 
 const UNREADABLE: Verdict = Verdict::Deny(Match {
     family: FAMILY_UNREADABLE,
@@ -170,34 +179,34 @@ fn try_egress_deny_l3(ctx: &TcContext) -> Result<Verdict, Unreadable> {
 #[inline(always)]
 fn decide_v4(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     let daddr: [u8; 4] = read(ctx, l3_offset + IPV4_DADDR_OFFSET).ok_or(Unreadable)?;
-    Ok(match V4_RULES.get(Key::new(32, daddr)) {
-        Some(rule) if rule.is_deny() => {
+    let verdict = table::lookup_v4(u32::from_be_bytes(daddr))?;
+    Ok(match denied_by(verdict) {
+        Some(prefix_len) => {
             let mut wide = [0u8; 16];
             wide[..4].copy_from_slice(&daddr);
             Verdict::Deny(Match {
                 family: FAMILY_V4,
-                prefix_len: rule.prefix_len,
+                prefix_len,
                 daddr: wide,
             })
         }
-        _ => Verdict::Allow,
+        None => Verdict::Allow,
     })
 }
 
 #[inline(always)]
 fn decide_v6(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     let daddr: [u8; 16] = read(ctx, l3_offset + IPV6_DADDR_OFFSET).ok_or(Unreadable)?;
-    if let Some(rule) = V6_RULES.get(Key::new(128, daddr))
-        && rule.is_deny()
-    {
+    let (hi, lo) = split_v6(&daddr);
+    if let Some(prefix_len) = denied_by(table::lookup_v6(hi, lo)?) {
         return Ok(Verdict::Deny(Match {
             family: FAMILY_V6,
-            prefix_len: rule.prefix_len,
+            prefix_len,
             daddr,
         }));
     }
     // An IPv4 address reached through a NAT64 prefix is judged by the IPv4 rules too.
-    if let Some(prefix_len) = nat64_deny(&daddr) {
+    if let Some(prefix_len) = nat64_deny(&daddr)? {
         return Ok(Verdict::Deny(Match {
             family: FAMILY_NAT64,
             prefix_len,
@@ -207,24 +216,33 @@ fn decide_v6(ctx: &TcContext, l3_offset: usize) -> Result<Verdict, Unreadable> {
     Ok(Verdict::Allow)
 }
 
+/// The destination's high and low 64 bits, host order.
+#[inline(always)]
+fn split_v6(daddr: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&daddr[..8]);
+    lo.copy_from_slice(&daddr[8..]);
+    (u64::from_be_bytes(hi), u64::from_be_bytes(lo))
+}
+
 /// The prefix length of the IPv4 deny rule that decides the address embedded in
 /// `daddr`, when `daddr` is in one of the configured NAT64 /96 prefixes.
 #[inline(never)]
-fn nat64_deny(daddr: &[u8; 16]) -> Option<u8> {
-    let settings = SETTINGS.get(0)?;
+fn nat64_deny(daddr: &[u8; 16]) -> Result<Option<u8>, Corrupt> {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(None);
+    };
     let count = settings.nat64_prefix_count as usize;
     let mut i = 0;
     while i < MAX_NAT64_PREFIXES && i < count {
         if daddr[..12] == settings.nat64_prefixes[i] {
-            let embedded = [daddr[12], daddr[13], daddr[14], daddr[15]];
-            return match V4_RULES.get(Key::new(32, embedded)) {
-                Some(rule) if rule.is_deny() => Some(rule.prefix_len),
-                _ => None,
-            };
+            let embedded = u32::from_be_bytes([daddr[12], daddr[13], daddr[14], daddr[15]]);
+            return Ok(denied_by(table::lookup_v4(embedded)?));
         }
         i += 1;
     }
-    None
+    Ok(None)
 }
 
 #[inline(always)]

@@ -9,13 +9,10 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use egress_deny_datapath::{
-    netns::NetnsGuard,
-    rules::{Action, RuleMaps},
-};
+use egress_deny_datapath::netns::NetnsGuard;
 use egress_deny_tests::{
     Netns, PinDir,
-    bench::{machine, percentile, rule_mix, write_section},
+    bench::{deny_v4, machine, percentile, rule_mix, write_section},
     binary, require_root,
 };
 use serde_json::json;
@@ -73,10 +70,7 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(1_000_000);
     let pins = PinDir::new()?;
-    let mut maps = RuleMaps::open(&pins.layout)?;
-    for (addr, len) in rule_mix(rule_count, 3) {
-        maps.insert_v4(addr.to_be_bytes(), len, Action::Deny)?;
-    }
+    deny_v4(&pins.layout, &rule_mix(rule_count, 3))?;
     // stateDir on tmpfs, like its default /run/egress-deny on a node (this VM's /run is
     // on disk; /dev/shm is tmpfs): record fsyncs cost what they cost in production.
     let state = tempfile::Builder::new()

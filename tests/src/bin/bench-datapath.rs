@@ -21,8 +21,9 @@ use aya::{
 };
 use egress_deny_datapath::{
     events,
-    paths::{ProgramKind, V4_RULES_MAP, V6_RULES_MAP},
-    rules::{Action, RuleMaps},
+    paths::{ProgramKind, V4_TABLE_MAP, V6_TABLE_MAP},
+    rules::{Action, RuleTables},
+    table::Entry,
 };
 use egress_deny_tests::{
     PinDir,
@@ -431,13 +432,11 @@ fn main() -> Result<()> {
         );
         let pins = PinDir::new()?;
         events::set_events_per_second(&pins.layout, INSTALLER_EVENTS_PER_SECOND)?;
-        let mut maps = RuleMaps::open(&pins.layout)?;
+        let maps = RuleTables::open(&pins.layout)?;
         // After the (empty) maps exist: only what the rules add is counted.
         let before = settled_meminfo();
         let started = Instant::now();
-        for (addr, len) in &rules {
-            maps.insert_v4(addr.to_be_bytes(), *len, Action::Deny)?;
-        }
+        egress_deny_tests::bench::deny_v4(&pins.layout, &rules)?;
         let load = started.elapsed();
         let mem = settled_meminfo() - before;
         check_decisions(&maps, HIT_V4.into(), MISS_V4.into(), n > 0)?;
@@ -458,7 +457,7 @@ fn main() -> Result<()> {
             family: "IPv4",
             n,
             load,
-            memlock: memlock(&pins.layout.map(V4_RULES_MAP))?,
+            memlock: memlock(&pins.layout.map(V4_TABLE_MAP))?,
             mem,
             hit,
             miss,
@@ -481,9 +480,15 @@ fn main() -> Result<()> {
             let v6 = v6_rules(v6_count);
             let before = settled_meminfo();
             let started = Instant::now();
-            for (addr, len) in &v6 {
-                maps.insert_v6(addr.to_be_bytes(), *len, Action::Deny)?;
-            }
+            let entries: Vec<Entry<u128>> = v6
+                .iter()
+                .map(|&(addr, len)| Entry {
+                    addr,
+                    len,
+                    action: Action::Deny,
+                })
+                .collect();
+            maps.replace_v6(&entries)?;
             let load = started.elapsed();
             let mem = settled_meminfo() - before;
             check_decisions(&maps, HIT_V6.into(), MISS_V6.into(), true)?;
@@ -493,7 +498,7 @@ fn main() -> Result<()> {
                 family: "IPv6",
                 n: v6.len(),
                 load,
-                memlock: memlock(&pins.layout.map(V6_RULES_MAP))?,
+                memlock: memlock(&pins.layout.map(V6_TABLE_MAP))?,
                 mem,
                 hit: Some(hit),
                 miss,
@@ -523,7 +528,7 @@ fn main() -> Result<()> {
 
 /// The rule set must decide the two destinations as intended, read back through the
 /// installer's own lookup (the same longest-prefix match the program does).
-fn check_decisions(maps: &RuleMaps, hit: IpAddr, miss: IpAddr, has_hit: bool) -> Result<()> {
+fn check_decisions(maps: &RuleTables, hit: IpAddr, miss: IpAddr, has_hit: bool) -> Result<()> {
     let d = maps.lookup(hit)?;
     let full = if hit.is_ipv4() { 32 } else { 128 };
     ensure!(

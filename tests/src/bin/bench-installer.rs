@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use egress_deny_datapath::rules::{Action, RuleMaps};
+use egress_deny_datapath::rules::{Action, RuleTables};
 use egress_deny_tests::{
     Netns,
     bench::{machine, meminfo_kib, rule_mix, rules_text, write_section},
@@ -30,7 +30,7 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 }
 
 /// Polls the live maps every millisecond until `addr` is denied.
-fn until_denied(maps: &RuleMaps, addr: Ipv4Addr, started: Instant) -> Result<Duration> {
+fn until_denied(maps: &RuleTables, addr: Ipv4Addr, started: Instant) -> Result<Duration> {
     loop {
         if maps.lookup(IpAddr::V4(addr))?.action == Action::Deny {
             return Ok(started.elapsed());
@@ -75,7 +75,7 @@ fn main() -> Result<()> {
         )?;
         let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=none"])?;
         installer.wait_ready()?;
-        let maps = RuleMaps::open(&dirs.layout())?;
+        let maps = RuleTables::open(&dirs.layout())?;
         let rules = rule_mix(n, 7);
         let text = rules_text(&rules);
         // The highest address is inserted last (the plan is sorted).

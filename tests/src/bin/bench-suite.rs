@@ -45,7 +45,6 @@ use egress_deny_datapath::{
     loader,
     netns::NetnsGuard,
     paths::{PinLayout, ProgramKind},
-    rules::{Action, RuleMaps},
 };
 use egress_deny_tests::{
     Netns,
@@ -57,9 +56,6 @@ use egress_deny_tests::{
 const SERVER: &str = "10.10.2.2";
 const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
 pub const MECHANISMS: [&str; 5] = ["none", "iptables", "ipset", "egress-deny", "reference-lpm"];
-/// The installer splits map updates over two threads above this many entries
-/// (installer/src/sync.rs); egress-deny's set-up here does the same.
-const PARALLEL_THRESHOLD: usize = 20_000;
 /// Probe interval of the set-up test (the issue asks for ≤ 1 ms).
 const PROBE_INTERVAL: Duration = Duration::from_micros(500);
 /// iperf3 sender on CPU 0 (the forwarding softirq, and so the filter, runs on the
@@ -662,26 +658,7 @@ impl Applier<'_> {
 }
 
 fn insert_egress_deny(layout: &PinLayout, rules: &[(u32, u8)]) -> Result<()> {
-    let insert = |maps: &mut RuleMaps, part: &[(u32, u8)]| -> Result<()> {
-        for (a, l) in part {
-            maps.insert_v4(a.to_be_bytes(), *l, Action::Deny)?;
-        }
-        Ok(())
-    };
-    let mut maps = RuleMaps::open(layout)?;
-    if rules.len() < PARALLEL_THRESHOLD {
-        return insert(&mut maps, rules);
-    }
-    let (first, second) = rules.split_at(rules.len() / 2);
-    let mut other = RuleMaps::open(layout)?;
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(|| insert(&mut other, second));
-        let mine = insert(&mut maps, first);
-        let theirs = helper
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("insert thread panicked")));
-        mine.and(theirs)
-    })
+    egress_deny_tests::bench::deny_v4(layout, rules).map(drop)
 }
 
 // ---------------------------------------------------------------------------------
