@@ -245,6 +245,11 @@ pub struct LimitArgs {
     /// Bytes in one line of a rule file.
     #[arg(long, env = "EGRESS_DENY_MAX_LINE_BYTES", default_value_t = rules::DEFAULT_MAX_LINE)]
     pub max_line_bytes: usize,
+    /// Kernel memory the compiled rule tables of both families may take together (about
+    /// 18 bytes per IPv4 rule); a rule set compiling to more is rejected whole. 0: bounded
+    /// only by what the daemon's memory cgroup has left.
+    #[arg(long, env = "EGRESS_DENY_MAX_TABLE_BYTES", default_value_t = 0)]
+    pub max_table_bytes: u64,
 }
 
 impl LimitArgs {

@@ -177,8 +177,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 
     let previous = DaemonStatus::load(&args.state.state_dir).unwrap_or_default();
-    let syncer =
-        Syncer::open(&layout, previous.enforced.clone()).context("opening the rule maps")?;
+    let syncer = Syncer::open(
+        &layout,
+        previous.enforced.clone(),
+        args.limits.max_table_bytes,
+    )
+    .context("opening the rule tables")?;
     match syncer.recorded() {
         Some(r) => log::info!(
             "the previous daemon enforced IPv4 {} deny / {} allow, IPv6 {} deny / {} allow; they stay enforced until the rules are synced",

@@ -31,6 +31,8 @@ pub struct FamilySwap {
 
 pub struct Syncer {
     tables: RuleTables,
+    /// `--max-table-bytes` (0: none).
+    max_table_bytes: u64,
     /// Digest of each family's rules in force (IPv4, IPv6), once known.
     in_force: Option<[u64; 2]>,
     /// What the previous daemon recorded as enforced, if it describes these tables.
@@ -43,12 +45,14 @@ impl Syncer {
     pub fn open(
         layout: &PinLayout,
         recorded: Option<EnforcedRecord>,
+        max_table_bytes: u64,
     ) -> egress_deny_datapath::Result<Self> {
         let tables = RuleTables::open(layout)?;
         let ids = tables.table_ids()?;
         let recorded = recorded.filter(|r| r.map_ids == [ids.0, ids.1] && ids != (0, 0));
         Ok(Self {
             tables,
+            max_table_bytes,
             in_force: None,
             recorded,
         })
@@ -82,7 +86,7 @@ impl Syncer {
             _ => None,
         };
         let changed = [0, 1].map(|i| in_force.is_none_or(|d| d[i] != digests[i]));
-        check(new, changed)?;
+        check(new, changed, self.max_table_bytes)?;
         let mut swaps = Vec::new();
         if changed[0] {
             swaps.push(FamilySwap {
@@ -162,10 +166,11 @@ pub fn add_protections(rules: &mut RuleSet, protected: &[(IpNet, String)]) -> Ve
 }
 
 /// Refuses, before anything changes, a set the tables cannot hold: more rules per
-/// family than the program's search is bounded for, or new tables that do not fit the
-/// memory the daemon's cgroup has left (table memory is charged there, and the old
-/// table stays until the new one is in force, so both exist at the swap).
-pub fn check(new: &RuleSet, changed: [bool; 2]) -> Result<(), SyncError> {
+/// family than the program's search is bounded for, tables over `max_table_bytes`
+/// (`--max-table-bytes`, 0 = none), or new tables that do not fit the memory the
+/// daemon's cgroup has left (table memory is charged there, and the old table stays
+/// until the new one is in force, so both exist at the swap).
+pub fn check(new: &RuleSet, changed: [bool; 2], max_table_bytes: u64) -> Result<(), SyncError> {
     let capacity = egress_deny_datapath::common::MAX_RULES_PER_FAMILY as usize;
     for (family, len) in [("IPv4", new.v4.len()), ("IPv6", new.v6.len())] {
         if len > capacity {
@@ -186,10 +191,22 @@ pub fn check(new: &RuleSet, changed: [bool; 2]) -> Result<(), SyncError> {
     if changed[1] {
         needed += bytes(table::Plan::new(&new.v6, Layout::default()).map(|p| p.summary()))?;
     }
-    let Some((limit, used)) = cgroup_memory() else {
-        return Ok(());
-    };
-    // Keep a tenth of the limit for the daemon itself (parsing the next update).
+    if max_table_bytes > 0 && needed > max_table_bytes {
+        return Err(SyncError::TooLarge(format!(
+            "the new rule tables need {} KiB of kernel memory, over --max-table-bytes ({} KiB)",
+            needed >> 10,
+            max_table_bytes >> 10
+        )));
+    }
+    match cgroup_memory() {
+        Some((limit, used)) => fits_cgroup(needed, limit, used),
+        None => Ok(()),
+    }
+}
+
+/// Whether `needed` more bytes fit a cgroup at `used` of `limit`, keeping a tenth of the
+/// limit for the daemon itself (parsing the next update).
+fn fits_cgroup(needed: u64, limit: u64, used: u64) -> Result<(), SyncError> {
     let room = (limit - limit / 10).saturating_sub(used);
     if needed > room {
         return Err(SyncError::TooLarge(format!(
@@ -260,8 +277,35 @@ mod tests {
             v4: entries(0..capacity + 1),
             v6: Vec::new(),
         };
-        let err = check(&set, [true, false]).unwrap_err().to_string();
+        let err = check(&set, [true, false], 0).unwrap_err().to_string();
         assert!(err.contains("capacity"), "{err}");
+    }
+
+    #[test]
+    fn tables_over_the_budget_or_the_cgroup_are_rejected() {
+        let set = RuleSet {
+            v4: entries(0..1000)
+                .into_iter()
+                .map(|mut e| {
+                    e.addr *= 2; // apart: two ranges each
+                    e
+                })
+                .collect(),
+            v6: Vec::new(),
+        };
+        let err = check(&set, [true, true], 4096).unwrap_err().to_string();
+        assert!(err.contains("--max-table-bytes"), "{err}");
+        // An unchanged family needs nothing new.
+        assert!(
+            check(&set, [false, false], 4096)
+                .err()
+                .is_none_or(|e| e.to_string().contains("cgroup"))
+        );
+        let err = fits_cgroup(100 << 20, 512 << 20, 400 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("raise the DaemonSet's memory limit"), "{err}");
+        assert!(fits_cgroup(10 << 20, 512 << 20, 400 << 20).is_ok());
     }
 
     #[test]

@@ -202,3 +202,53 @@ pub fn open_tun(name: &str, link_type: Option<u16>) -> Result<std::fs::File> {
     unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     Ok(file)
 }
+
+/// A memory cgroup of its own for one process (v1 as on this machine kind, or v2),
+/// removed on drop after moving the process back to the root.
+pub struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    /// The most memory the cgroup has been charged since it was created (v1
+    /// `memory.max_usage_in_bytes`, v2 `memory.peak`), if the kernel says.
+    pub fn peak(&self) -> Option<u64> {
+        ["memory.max_usage_in_bytes", "memory.peak"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(self.dir.join(f)).ok())
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    pub fn new(limit: u64) -> Result<Self> {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+        let (root, limit_file) = if v1.is_dir() {
+            (v1.to_path_buf(), "memory.limit_in_bytes")
+        } else {
+            (std::path::PathBuf::from("/sys/fs/cgroup"), "memory.max")
+        };
+        let dir = root.join(format!("egress-deny-test-{}", random_suffix()));
+        std::fs::create_dir(&dir)?;
+        let cgroup = Self { dir, root };
+        std::fs::write(cgroup.dir.join(limit_file), limit.to_string())?;
+        Ok(cgroup)
+    }
+
+    pub fn add(&self, pid: u32) -> Result<()> {
+        Ok(std::fs::write(
+            self.dir.join("cgroup.procs"),
+            pid.to_string(),
+        )?)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -789,3 +789,157 @@ fn nat64_destinations_follow_the_ipv4_rules_and_exempt_never_drops() {
         )],
     );
 }
+
+/// Longest-prefix match the obvious way, for the differential test.
+fn reference_decision<A: Copy + Eq + std::hash::Hash>(
+    rules: &std::collections::HashMap<(A, u8), Action>,
+    addr: A,
+    bits: u8,
+    truncate: impl Fn(A, u8) -> A,
+) -> Option<Action> {
+    (0..=bits)
+        .rev()
+        .find_map(|len| rules.get(&(truncate(addr, len), len)).copied())
+}
+
+/// The program's own search (bpf/ebpf/src/table.rs, not the userspace reader) against a
+/// straightforward longest-prefix reference: random IPv4 and IPv6 rule sets with
+/// exceptions nested four levels deep, judged by BPF_PROG_TEST_RUN at the first and last
+/// address of every rule, one past each end, and random addresses. The compiler and
+/// the userspace search have their own, larger differential test (datapath::table).
+#[test]
+fn the_programs_table_search_agrees_with_a_reference_lpm() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use std::collections::HashMap;
+    require_root();
+    let pins = PinDir::new().unwrap();
+    let tables = RuleTables::open(&pins.layout).unwrap();
+    let eth = program(&pins, ProgramKind::Ethernet);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mask4 = |a: u32, len: u8| {
+        if len == 0 {
+            0
+        } else {
+            a & (u32::MAX << (32 - len))
+        }
+    };
+    let mask6 = |a: u128, len: u8| {
+        if len == 0 {
+            0
+        } else {
+            a & (u128::MAX << (128 - len))
+        }
+    };
+
+    // Nested chains deny /8 > allow /16 > deny /24 > allow /32 around a few hot /8s,
+    // plus loose /32 and /24 denies everywhere.
+    let mut rules4: HashMap<(u32, u8), Action> = HashMap::new();
+    for _ in 0..4 {
+        let top: u32 = rng.random::<u32>() & 0xff00_0000;
+        rules4.insert((top, 8), Action::Deny);
+        for _ in 0..40 {
+            let a16 = top | (rng.random::<u32>() & 0x00ff_0000);
+            rules4.insert((a16, 16), Action::Allow);
+            for _ in 0..5 {
+                let a24 = a16 | (rng.random::<u32>() & 0x0000_ff00);
+                rules4.insert((a24, 24), Action::Deny);
+                let a32 = a24 | (rng.random::<u32>() & 0xff);
+                rules4.insert((a32, 32), Action::Allow);
+            }
+        }
+    }
+    for _ in 0..2000 {
+        let len = if rng.random_range(0..10) == 0 { 24 } else { 32 };
+        rules4
+            .entry((mask4(rng.random(), len), len))
+            .or_insert(Action::Deny);
+    }
+    let mut rules6: HashMap<(u128, u8), Action> = HashMap::new();
+    for _ in 0..4 {
+        let top = mask6((rng.random::<u128>() >> 3) | (1 << 125), 32);
+        rules6.insert((top, 32), Action::Deny);
+        for _ in 0..40 {
+            let a48 = mask6(top | (rng.random::<u128>() >> 32), 48);
+            rules6.insert((a48, 48), Action::Allow);
+            let a64 = mask6(a48 | (rng.random::<u128>() >> 48), 64);
+            rules6.insert((a64, 64), Action::Deny);
+            let a128 = a64 | (rng.random::<u128>() >> 64);
+            rules6.insert((a128, 128), Action::Allow);
+        }
+    }
+    for _ in 0..2000 {
+        let len = [48u8, 64, 128][rng.random_range(0..3)];
+        rules6
+            .entry((mask6((rng.random::<u128>() >> 3) | (1 << 125), len), len))
+            .or_insert(Action::Deny);
+    }
+    let rules: Vec<(IpNet, Action)> = rules4
+        .iter()
+        .map(|(&(a, l), &act)| (IpNet::new(Ipv4Addr::from(a).into(), l).unwrap(), act))
+        .chain(
+            rules6
+                .iter()
+                .map(|(&(a, l), &act)| (IpNet::new(Ipv6Addr::from(a).into(), l).unwrap(), act)),
+        )
+        .collect();
+    tables.replace_all(&rules).unwrap();
+
+    let mut probes4: Vec<u32> = Vec::new();
+    for &(a, l) in rules4.keys() {
+        let last = a | !(if l == 0 { 0 } else { u32::MAX << (32 - l) });
+        probes4.extend([a, last, a.wrapping_sub(1), last.wrapping_add(1)]);
+    }
+    probes4.extend((0..3000).map(|_| rng.random::<u32>()));
+    let mut probes6: Vec<u128> = Vec::new();
+    for &(a, l) in rules6.keys() {
+        let last = a | !mask6(u128::MAX, l);
+        probes6.extend([a, last, a.wrapping_sub(1), last.wrapping_add(1)]);
+    }
+    probes6.extend((0..3000).map(|_| (rng.random::<u128>() >> 3) | (1 << 125)));
+
+    let judge = |packet: Vec<u8>| -> Expect {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&packet);
+        match eth.test_run(opts).expect("test_run").return_value {
+            TC_ACT_SHOT => Expect::Drop,
+            TC_ACT_UNSPEC => Expect::Continue,
+            other => panic!("unexpected return value {other}"),
+        }
+    };
+    let expected = |d: Option<Action>| match d {
+        Some(Action::Deny) => Expect::Drop,
+        _ => Expect::Continue,
+    };
+    let mut wrong = Vec::new();
+    for &addr in &probes4 {
+        let want = expected(reference_decision(&rules4, addr, 32, mask4));
+        let dst = Ipv4Addr::from(addr);
+        let got = judge(packet::ethernet(
+            &[],
+            packet::ETH_P_IP,
+            &packet::ipv4(v4(SRC4), dst, &Default::default()),
+        ));
+        if got != want {
+            wrong.push(format!("{dst}: program {got:?}, reference {want:?}"));
+        }
+    }
+    for &addr in &probes6 {
+        let want = expected(reference_decision(&rules6, addr, 128, mask6));
+        let dst = Ipv6Addr::from(addr);
+        let got = judge(packet::ethernet(
+            &[],
+            packet::ETH_P_IPV6,
+            &packet::ipv6(v6(SRC6), dst),
+        ));
+        if got != want {
+            wrong.push(format!("{dst}: program {got:?}, reference {want:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} destinations judged differently, e.g.:\n{}",
+        wrong.len(),
+        probes4.len() + probes6.len(),
+        wrong[..wrong.len().min(20)].join("\n")
+    );
+}

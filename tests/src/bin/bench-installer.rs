@@ -1,6 +1,6 @@
 //! Installer benchmark: set-up time from the rules file's rename (kubelet's ..data swap)
-//! to enforcement, for big sets from empty and for a one-line change; daemon RSS and
-//! kernel memory per rule.
+//! to enforcement, for big sets from empty and for a one-line change, under the
+//! DaemonSet's memory limit; daemon RSS, cgroup peak and table memory per rule.
 //!
 //!     cargo build --release --bins && cargo run --release -p egress-deny-tests --bin bench-installer -- [max_rules]
 use std::{
@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context, Result};
 use egress_deny_datapath::rules::{Action, RuleTables};
 use egress_deny_tests::{
-    Netns,
-    bench::{machine, meminfo_kib, rule_mix, rules_text, write_section},
+    MemoryCgroup, Netns,
+    bench::{machine, rule_mix, rules_text, write_section},
     installer::{Installer, InstallerDirs},
     require_root, wait_until,
 };
@@ -51,6 +51,45 @@ fn daemon_duration_ms(dirs: &InstallerDirs) -> u64 {
         .unwrap_or(0)
 }
 
+/// The DaemonSet's memory limit (`resources.limits.memory` in conf/kubernetes/daemonset.yaml).
+fn daemonset_memory_limit() -> Result<u64> {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../conf/kubernetes/daemonset.yaml"
+    ))?;
+    let limits = yaml.find("limits:").context("no limits in the DaemonSet")?;
+    let line = yaml[limits..]
+        .lines()
+        .find(|l| l.trim_start().starts_with("memory:"))
+        .context("no memory limit in the DaemonSet")?;
+    let value = line.split(':').nth(1).context("memory limit")?.trim();
+    let (number, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
+    let scale = match unit {
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "" => 1,
+        other => anyhow::bail!("unit {other:?} of the DaemonSet's memory limit"),
+    };
+    Ok(number.parse::<u64>()? * scale)
+}
+
+/// Kernel memory of the tables in force, from the daemon's status.
+fn table_bytes(dirs: &InstallerDirs) -> u64 {
+    std::fs::read(dirs.state_dir().join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v["lastSync"]["tables"]
+                .as_array()
+                .map(|t| t.iter().filter_map(|t| t["bytes"].as_u64()).sum())
+        })
+        .unwrap_or(0)
+}
+
 fn main() -> Result<()> {
     require_root();
     let max: usize = std::env::args()
@@ -58,11 +97,12 @@ fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000_000);
+    let limit = daemonset_memory_limit()?;
     let mut rows = Vec::new();
     println!(
-        "| rules | change | rename → enforced | daemon sync | RSS after | RSS peak | kernel slab B/rule |"
+        "| rules | change | rename → enforced | daemon sync | RSS after | RSS peak | cgroup peak | table B/rule |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for n in [1_000_000usize, 10_000_000]
         .into_iter()
         .filter(|n| *n <= max)
@@ -75,25 +115,27 @@ fn main() -> Result<()> {
         )?;
         let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=none"])?;
         installer.wait_ready()?;
+        // The DaemonSet's limit, charged for the daemon and the tables it creates.
+        let cgroup = MemoryCgroup::new(limit)?;
+        cgroup.add(installer.pid())?;
         let maps = RuleTables::open(&dirs.layout())?;
         let rules = rule_mix(n, 7);
         let text = rules_text(&rules);
-        // The highest address is inserted last (the plan is sorted).
+        // Any rule of the set: the table is swapped in whole.
         let (last, _) = *rules.last().context("rules")?;
-        let slab_before = meminfo_kib("Slab").unwrap_or(0);
         let started = dirs.publish_rules_timed(&[("feed", text.as_bytes())])?;
         let took = until_denied(&maps, Ipv4Addr::from(last), started)?;
         wait_until("status", Duration::from_secs(60), || {
             daemon_duration_ms(&dirs) > 0
         })?;
-        let slab =
-            (meminfo_kib("Slab").unwrap_or(0).saturating_sub(slab_before) * 1024) as f64 / n as f64;
+        let per_rule = table_bytes(&dirs) as f64 / n as f64;
         let row = format!(
-            "| {n} | empty → {n} | {:.2} s | {:.2} s | {} MiB | {} MiB | {slab:.0} |",
+            "| {n} | empty → {n} | {:.2} s | {:.2} s | {} MiB | {} MiB | {} MiB | {per_rule:.1} |",
             took.as_secs_f64(),
             daemon_duration_ms(&dirs) as f64 / 1000.0,
             rss_kib(installer.pid(), "VmRSS") / 1024,
             rss_kib(installer.pid(), "VmHWM") / 1024,
+            cgroup.peak().unwrap_or(0) >> 20,
         );
         println!("{row}");
         rows.push(row);
@@ -113,30 +155,36 @@ fn main() -> Result<()> {
             },
         )?;
         let row = format!(
-            "| {n} | +1 line | {:.0} ms | {} ms | {} MiB | {} MiB | |",
+            "| {n} | +1 line | {:.0} ms | {} ms | {} MiB | {} MiB | {} MiB | |",
             took.as_secs_f64() * 1000.0,
             daemon_duration_ms(&dirs),
             rss_kib(installer.pid(), "VmRSS") / 1024,
             rss_kib(installer.pid(), "VmHWM") / 1024,
+            cgroup.peak().unwrap_or(0) >> 20,
         );
         println!("{row}");
         rows.push(row);
         installer.stop()?;
+        drop(cgroup);
         drop(maps);
         drop(dirs);
     }
     let body = format!(
         "## Installer: set-up time and memory\n\n\
          `cargo build --release --bins && cargo run --release -p egress-deny-tests --bin bench-installer` — {}.\n\n\
-         The real daemon (release build) in its own network namespace; rules of the published\n\
+         The real daemon (release build) in its own network namespace and in a memory cgroup\n\
+         limited to the DaemonSet's `limits.memory` ({} MiB); rules of the published\n\
          benchmark's mix written as one ConfigMap key and published with kubelet's `..data`\n\
-         swap. \"rename → enforced\" runs from the swap until the live map denies the last rule\n\
-         the daemon applies (polled every 1 ms); \"daemon sync\" is the daemon's own parse +\n\
-         diff + apply time. RSS is the daemon's resident memory after the sync and its peak\n\
-         (VmHWM). Kernel slab B/rule is the kernel's slab growth while loading.\n\n\
-         | rules | change | rename → enforced | daemon sync | RSS after | RSS peak | kernel slab B/rule |\n\
-         |---:|---|---:|---:|---:|---:|---:|\n{}\n",
+         swap. \"rename → enforced\" runs from the swap until the live table denies a rule of\n\
+         the new set (polled every 1 ms); \"daemon sync\" is the daemon's own parse +\n\
+         compile + swap time. RSS is the daemon's resident memory after the sync and its peak\n\
+         (VmHWM); cgroup peak is the most the cgroup was charged (daemon and tables, old and\n\
+         new table both during a swap). Table B/rule is the kernel memory of the tables in\n\
+         force divided by the rule count.\n\n\
+         | rules | change | rename → enforced | daemon sync | RSS after | RSS peak | cgroup peak | table B/rule |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n{}\n",
         machine(),
+        limit >> 20,
         rows.join("\n")
     );
     write_section(
