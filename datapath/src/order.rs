@@ -1,7 +1,12 @@
 //! Keeping every TCX attachment first on its hook and on the program in use. A program
 //! attached ahead of ours (another CNI's, with `BPF_F_BEFORE`) that returns a final
 //! verdict (pass, redirect) would skip us: nothing may run before the filter.
-use std::{fs, os::fd::AsFd, path::Path};
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use crate::{
     attach::{
@@ -13,6 +18,9 @@ use crate::{
     paths::{PROGRAM_EXEMPT, PinLayout, ProgramKind},
     sys,
 };
+
+/// How long a re-order waits for the replaced link to leave the hook.
+const OLD_LINK_DETACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which of our programs a link runs (any version): by the name it was loaded with, so
 /// that an exempt pod's link stays exempt when it is moved to a newer program.
@@ -86,11 +94,20 @@ pub fn ensure_first_and_current(layout: &PinLayout, pin: &Path) -> Result<Verifi
         let _ = fs::remove_file(&tmp);
         Error::io(format!("replacing {}", pin.display()), e)
     })?;
-    // If this fails the copy (same code, same maps) keeps filtering and the next check
-    // moves the link.
-    sys::link_update(front.as_fd(), program.as_fd())
-        .map_err(|e| Error::io(format!("updating the link on {ifname}"), e))?;
-    Ok(Verified::Reordered)
+    // The old link is detached when bpffs lets go of the replaced pin, after an RCU
+    // grace period: until then the program in use is still on the hook and TCX refuses
+    // it a second time (EEXIST). If this still fails the copy (same code, same maps)
+    // keeps filtering and the next check moves the link.
+    let deadline = Instant::now() + OLD_LINK_DETACH_TIMEOUT;
+    loop {
+        match sys::link_update(front.as_fd(), program.as_fd()) {
+            Ok(()) => return Ok(Verified::Reordered),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(Error::io(format!("updating the link on {ifname}"), e)),
+        }
+    }
 }
 
 /// The cls_bpf (netlink mode) counterpart for an attachment on `ifname`'s `hook`: our

@@ -551,7 +551,8 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
         installer
             .log_text()
             .contains("attached ahead of egress-deny")
-    })?;
+    })
+    .inspect_err(|_| eprintln!("{}", installer.log_text()))?;
     // The other component's program stays attached, behind ours.
     let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
     let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
