@@ -854,6 +854,12 @@ fn the_programs_table_search_agrees_with_a_reference_lpm() {
             .entry((mask4(rng.random(), len), len))
             .or_insert(Action::Deny);
     }
+    // One bucket whose ranges fill more than one 64 KiB block (8192 IPv4 ranges): the
+    // program's search across blocks, not only within one.
+    let dense4 = 0x2d00_0000u32 | (rng.random::<u32>() & 0x00ff_0000);
+    for i in 0..5000u32 {
+        rules4.insert((dense4 + 2 * i, 32), Action::Deny);
+    }
     let mut rules6: HashMap<(u128, u8), Action> = HashMap::new();
     for _ in 0..4 {
         let top = mask6((rng.random::<u128>() >> 3) | (1 << 125), 32);
@@ -866,6 +872,11 @@ fn the_programs_table_search_agrees_with_a_reference_lpm() {
             let a128 = a64 | (rng.random::<u128>() >> 64);
             rules6.insert((a128, 128), Action::Allow);
         }
+    }
+    // The same for IPv6 (2730 ranges to a block).
+    let dense6 = mask6((rng.random::<u128>() >> 3) | (1 << 125), 64);
+    for i in 0..2000u128 {
+        rules6.insert((dense6 + 2 * i, 128), Action::Deny);
     }
     for _ in 0..2000 {
         let len = [48u8, 64, 128][rng.random_range(0..3)];

@@ -46,6 +46,13 @@ pub fn lookup_v4(daddr: u32) -> Result<u32, Corrupt> {
     let bucket = (u64::from(daddr) >> shift) as u32;
     let (mut lo, mut hi) = bucket_bounds(table, &header, bucket)?;
     let target = black_box(u64::from(daddr));
+    // Nearly always a bucket's ranges share one block: one map lookup for every step.
+    let first_block = lo / V4_RANGES_PER_BLOCK;
+    if first_block == hi / V4_RANGES_PER_BLOCK {
+        let block = table.get(header.range_block + first_block).ok_or(Corrupt)?;
+        let base = first_block * V4_RANGES_PER_BLOCK;
+        return search_v4_block(block, lo - base, hi - base, target);
+    }
     for _ in 0..TABLE_SEARCH_STEPS {
         if lo >= hi {
             break;
@@ -73,23 +80,110 @@ pub fn lookup_v6(hi_bits: u64, lo_bits: u64) -> Result<u32, Corrupt> {
     let bucket = (hi_bits >> shift) as u32;
     let (mut lo, mut hi) = bucket_bounds(table, &header, bucket)?;
     let (target_hi, target_lo) = (black_box(hi_bits), black_box(lo_bits));
+    let first_block = lo / V6_RANGES_PER_BLOCK;
+    if first_block == hi / V6_RANGES_PER_BLOCK {
+        let block = table.get(header.range_block + first_block).ok_or(Corrupt)?;
+        let base = first_block * V6_RANGES_PER_BLOCK;
+        return search_v6_block(block, lo - base, hi - base, target_hi, target_lo);
+    }
     for _ in 0..TABLE_SEARCH_STEPS {
         if lo >= hi {
             break;
         }
         let mid = lo + (hi - lo).div_ceil(2);
         let (start_hi, start_lo, _) = v6_range(table, &header, mid)?;
-        // 1 when the range starts above the destination: the 128-bit subtraction
-        // destination - start borrows out of its high word.
-        let low_borrow = borrow(target_lo, start_lo, target_lo.wrapping_sub(start_lo));
-        let high = target_hi.wrapping_sub(start_hi).wrapping_sub(low_borrow);
-        let above = borrow(target_hi, start_hi, high);
-        (lo, hi) = narrow(lo, hi, mid, above);
+        (lo, hi) = narrow(
+            lo,
+            hi,
+            mid,
+            v6_above(start_hi, start_lo, target_hi, target_lo),
+        );
     }
     if lo != hi {
         return Err(Corrupt);
     }
     Ok(v6_range(table, &header, lo)?.2)
+}
+
+/// The binary search within one block (indexes relative to the block).
+#[inline(always)]
+fn search_v4_block(block: &Block, mut lo: u32, mut hi: u32, target: u64) -> Result<u32, Corrupt> {
+    for _ in 0..TABLE_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo).div_ceil(2);
+        let start = block_word(block, mid as usize) as u32;
+        (lo, hi) = narrow(lo, hi, mid, target.wrapping_sub(u64::from(start)) >> 63);
+    }
+    if lo != hi {
+        return Err(Corrupt);
+    }
+    Ok((block_word(block, lo as usize) >> 32) as u32)
+}
+
+#[inline(always)]
+fn search_v6_block(
+    block: &Block,
+    mut lo: u32,
+    mut hi: u32,
+    target_hi: u64,
+    target_lo: u64,
+) -> Result<u32, Corrupt> {
+    for _ in 0..TABLE_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo).div_ceil(2);
+        let (start_hi, start_lo, _) = v6_record(block, mid)?;
+        (lo, hi) = narrow(
+            lo,
+            hi,
+            mid,
+            v6_above(start_hi, start_lo, target_hi, target_lo),
+        );
+    }
+    if lo != hi {
+        return Err(Corrupt);
+    }
+    Ok(v6_record(block, lo)?.2)
+}
+
+/// 1 when the range starting at (start_hi, start_lo) starts above the destination: the
+/// 128-bit subtraction destination - start borrows out of its high word.
+#[inline(always)]
+fn v6_above(start_hi: u64, start_lo: u64, target_hi: u64, target_lo: u64) -> u64 {
+    let low_borrow = borrow(target_lo, start_lo, target_lo.wrapping_sub(start_lo));
+    let high = target_hi.wrapping_sub(start_hi).wrapping_sub(low_borrow);
+    borrow(target_hi, start_hi, high)
+}
+
+/// The u64 word `word` of a block (masked into it: always in bounds).
+#[inline(always)]
+fn block_word(block: &Block, word: usize) -> u64 {
+    // SAFETY: the mask keeps the index below the block's TABLE_BLOCK_BYTES / 8 words.
+    unsafe {
+        block
+            .as_ptr()
+            .add(word & (TABLE_BLOCK_BYTES / 8 - 1))
+            .read()
+    }
+}
+
+/// (start high bits, start low bits, verdict) of the IPv6 record `index` of a block.
+#[inline(always)]
+fn v6_record(block: &Block, index: u32) -> Result<(u64, u64, u32), Corrupt> {
+    // The compiler knows this is below the limit and would drop the check; the verifier
+    // does not follow a modulo by a non-power of two and needs it: hide the value.
+    let word = black_box((index % V6_RANGES_PER_BLOCK) as usize * 3);
+    if word > TABLE_BLOCK_BYTES / 8 - 3 {
+        return Err(Corrupt);
+    }
+    // SAFETY: word + 2 < TABLE_BLOCK_BYTES / 8 (checked just above).
+    unsafe {
+        let base = block.as_ptr().add(word);
+        Ok((base.read(), base.add(1).read(), base.add(2).read() as u32))
+    }
 }
 
 /// One binary-search step without a branch: keeps [mid, hi] when the range at `mid`
@@ -138,11 +232,17 @@ fn header(table: &Table, family: u32) -> Result<TableHeader, Corrupt> {
 /// The first and last range index that can decide an address of `bucket`.
 #[inline(always)]
 fn bucket_bounds(table: &Table, header: &TableHeader, bucket: u32) -> Result<(u32, u32), Corrupt> {
-    let lo = direct(table, header, bucket)?;
-    let hi = if bucket + 1 < (1u32 << header.direct_bits) {
-        direct(table, header, bucket + 1)?
-    } else {
+    let block = table
+        .get(header.direct_block + bucket / TABLE_DIRECT_PER_BLOCK)
+        .ok_or(Corrupt)?;
+    let slot = bucket % TABLE_DIRECT_PER_BLOCK;
+    let lo = direct_entry(block, slot);
+    let hi = if bucket + 1 >= (1u32 << header.direct_bits) {
         header.ranges - 1
+    } else if slot + 1 < TABLE_DIRECT_PER_BLOCK {
+        direct_entry(block, slot + 1)
+    } else {
+        direct(table, header, bucket + 1)?
     };
     if lo > hi || hi >= header.ranges {
         return Err(Corrupt);
@@ -155,9 +255,15 @@ fn direct(table: &Table, header: &TableHeader, bucket: u32) -> Result<u32, Corru
     let block = table
         .get(header.direct_block + bucket / TABLE_DIRECT_PER_BLOCK)
         .ok_or(Corrupt)?;
-    let offset = ((bucket % TABLE_DIRECT_PER_BLOCK) as usize * 4) & (TABLE_BLOCK_BYTES - 4);
+    Ok(direct_entry(block, bucket % TABLE_DIRECT_PER_BLOCK))
+}
+
+/// Direct-table entry `slot` of a block.
+#[inline(always)]
+fn direct_entry(block: &Block, slot: u32) -> u32 {
+    let offset = (slot as usize * 4) & (TABLE_BLOCK_BYTES - 4);
     // SAFETY: offset is 4-aligned and at most TABLE_BLOCK_BYTES - 4.
-    Ok(unsafe { (block.as_ptr().cast::<u8>().add(offset) as *const u32).read() })
+    unsafe { (block.as_ptr().cast::<u8>().add(offset) as *const u32).read() }
 }
 
 /// (start, verdict) of IPv4 range `index`.
@@ -166,9 +272,7 @@ fn v4_range(table: &Table, header: &TableHeader, index: u32) -> Result<(u32, u32
     let block = table
         .get(header.range_block + index / V4_RANGES_PER_BLOCK)
         .ok_or(Corrupt)?;
-    let word = (index % V4_RANGES_PER_BLOCK) as usize & (TABLE_BLOCK_BYTES / 8 - 1);
-    // SAFETY: word < TABLE_BLOCK_BYTES / 8; a V4Range is one little-endian u64 word.
-    let value = unsafe { block.as_ptr().add(word).read() };
+    let value = block_word(block, (index % V4_RANGES_PER_BLOCK) as usize);
     Ok((value as u32, (value >> 32) as u32))
 }
 
@@ -178,15 +282,5 @@ fn v6_range(table: &Table, header: &TableHeader, index: u32) -> Result<(u64, u64
     let block = table
         .get(header.range_block + index / V6_RANGES_PER_BLOCK)
         .ok_or(Corrupt)?;
-    // The compiler knows this is below the limit and would drop the check; the verifier
-    // does not follow a modulo by a non-power of two and needs it: hide the value.
-    let word = core::hint::black_box((index % V6_RANGES_PER_BLOCK) as usize * 3);
-    if word > TABLE_BLOCK_BYTES / 8 - 3 {
-        return Err(Corrupt);
-    }
-    // SAFETY: word + 2 < TABLE_BLOCK_BYTES / 8 (checked just above).
-    unsafe {
-        let base = block.as_ptr().add(word);
-        Ok((base.read(), base.add(1).read(), base.add(2).read() as u32))
-    }
+    v6_record(block, index)
 }
