@@ -138,8 +138,7 @@ fn main() -> Result<()> {
         let took = until_denied(&maps, Ipv4Addr::from(last), started)?;
         // The status of this sync, not of the empty one at start.
         wait_until("status of the load", Duration::from_secs(60), || {
-            std::fs::read(dirs.state_dir().join("status.json"))
-                .is_ok_and(|s| s != status_before)
+            std::fs::read(dirs.state_dir().join("status.json")).is_ok_and(|s| s != status_before)
         })?;
         let per_rule = table_bytes(&dirs) as f64 / n as f64;
         let row = format!(
