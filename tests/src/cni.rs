@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Netns, PinDir, binary, random_suffix};
+use crate::{Netns, PinDir, binary, installer::InstallerDirs, random_suffix};
 
 pub const DENIED: &str = "198.51.100.7";
 pub const ALLOWED: &str = "192.0.2.10";
@@ -83,6 +83,23 @@ pub struct CniNode {
 }
 
 impl CniNode {
+    /// The set-up most end-to-end tests share: a node whose primary network "k8s" is
+    /// `primary`, its conflist in a fresh installer's conf dir (returned: the runtime
+    /// runs it), and that installer's plugin dir first on the runtime's plugin path.
+    pub fn with_installer_dirs(primary: Primary) -> Result<(Self, InstallerDirs, PathBuf)> {
+        let node = Self::new()?;
+        let dirs = InstallerDirs::new()?;
+        let name = match primary {
+            Primary::Bridge => "10-bridge.conflist",
+            Primary::Ptp => "10-ptp.conflist",
+        };
+        let conflist = dirs.conf_dir().join(name);
+        let list = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(primary)] });
+        std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
+        *node.extra_cni_path.lock().expect("lock") = Some(dirs.bin_dir());
+        Ok((node, dirs, conflist))
+    }
+
     pub fn new() -> Result<Self> {
         let node = Netns::new("edn")?;
         let server = Netns::new("eds")?;

@@ -45,6 +45,17 @@ impl InstallerDirs {
         Ok(Self { root, pin_dir })
     }
 
+    /// Dirs whose conf dir holds a primary network's conflist (ptp) for the installer to
+    /// join: for tests that run no pods.
+    pub fn with_placeholder_primary() -> Result<Self> {
+        let dirs = Self::new()?;
+        std::fs::write(
+            dirs.conf_dir().join("10-ptp.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
+        )?;
+        Ok(dirs)
+    }
+
     pub fn conf_dir(&self) -> PathBuf {
         self.root.path().join("net.d")
     }

@@ -5,6 +5,7 @@ pub mod cni;
 pub mod installer;
 pub mod packet;
 pub mod probe;
+pub mod topology;
 
 use std::{
     path::{Path, PathBuf},

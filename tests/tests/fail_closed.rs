@@ -16,17 +16,6 @@ use egress_deny_tests::{
 };
 use serde_json::json;
 
-/// A node namespace with the bridge primary and an installer's dirs set up for it.
-fn node_with_bridge() -> Result<(CniNode, InstallerDirs, std::path::PathBuf)> {
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    let conflist = dirs.conf_dir().join("10-bridge.conflist");
-    std::fs::write(&conflist, serde_json::to_vec(&primary)?)?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
-    Ok((node, dirs, conflist))
-}
-
 /// Pins a new v4 table map at `path`, where the old one's pin was removed: what another
 /// version (`Compatible::No`: a plain array) or a daemon killed right after creating the
 /// replacement (`Compatible::Yes`: an empty outer map of this version's shape) leaves
@@ -89,7 +78,7 @@ fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
 #[test]
 fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     installer.wait_ready()?;
@@ -166,7 +155,7 @@ fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> 
 #[test]
 fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
     installer.wait_ready()?;
@@ -206,7 +195,7 @@ fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
 #[test]
 fn a_missing_rules_directory_is_an_error_that_keeps_the_enforced_rules() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     let rules = dirs.rules_dir();
     std::fs::remove_dir(&rules)?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
@@ -287,7 +276,7 @@ fn peak_rss_mib(pid: u32) -> Result<u64> {
 #[test]
 fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(
         &dirs,
@@ -334,7 +323,7 @@ fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
 #[test]
 fn an_update_over_the_table_budget_is_rejected_before_touching_the_tables() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(
         &dirs,
@@ -396,7 +385,7 @@ fn big_rules(version: u32, extra: &str) -> String {
 #[test]
 fn kill_9_during_million_rule_syncs_leaks_nothing_and_converges() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     let version_rules = |v: u32| {
         if v.is_multiple_of(2) {
             big_rules(v, &format!("{DENIED}/32\n"))
@@ -490,7 +479,7 @@ fn pass_all_program() -> Result<std::os::fd::OwnedFd> {
 fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
     use std::os::fd::AsFd;
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
     installer.wait_ready()?;
@@ -570,11 +559,7 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
     require_root();
     const ARPHRD_INFINIBAND: u16 = 32;
     let ns = egress_deny_tests::Netns::new("edib")?;
-    let dirs = InstallerDirs::new()?;
-    std::fs::write(
-        dirs.conf_dir().join("10-ptp.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-    )?;
+    let dirs = InstallerDirs::with_placeholder_primary()?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let _tun = {
         let _in_ns = egress_deny_datapath::netns::NetnsGuard::enter(&ns.path())?;
@@ -612,7 +597,7 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
 #[test]
 fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = node_with_bridge()?;
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let mut installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     installer.wait_ready()?;
@@ -715,11 +700,7 @@ fn nothing_in_the_repository_kills_processes_by_name() -> Result<()> {
 fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()> {
     require_root();
     let ns = egress_deny_tests::Netns::new("edcb")?;
-    let dirs = InstallerDirs::new()?;
-    std::fs::write(
-        dirs.conf_dir().join("10-ptp.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-    )?;
+    let dirs = InstallerDirs::with_placeholder_primary()?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     for (up, net) in [("up1", "100.64.1"), ("up2", "100.64.2")] {
         ns.ip(&format!("link add {up} type veth peer name {up}p"))?;

@@ -185,11 +185,7 @@ fn gzip(text: &str) -> Vec<u8> {
 #[test]
 fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
     require_root();
-    let dirs = InstallerDirs::new()?;
-    std::fs::write(
-        dirs.conf_dir().join("10-ptp.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-    )?;
+    let dirs = InstallerDirs::with_placeholder_primary()?;
     // In a namespace of its own: no default routes, so no gateway protections to count.
     let ns = Netns::new("edi")?;
     let installer = Installer::start(
@@ -295,14 +291,7 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
 #[test]
 fn pods_and_host_follow_the_rules_across_bad_updates_and_restarts() -> Result<()> {
     require_root();
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    std::fs::write(
-        dirs.conf_dir().join("10-bridge.conflist"),
-        serde_json::to_vec(&primary)?,
-    )?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, _) = CniNode::with_installer_dirs(Primary::Bridge)?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     installer.wait_ready()?;
 
@@ -463,14 +452,7 @@ fn random_rules(count: usize, seed: u64) -> String {
 #[test]
 fn million_line_update_while_traffic_flows_leaks_nothing() -> Result<()> {
     require_root();
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    std::fs::write(
-        dirs.conf_dir().join("10-bridge.conflist"),
-        serde_json::to_vec(&primary)?,
-    )?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, _) = CniNode::with_installer_dirs(Primary::Bridge)?;
     let old = format!(
         "{DENIED}/32\n!198.51.100.0/30\n{}",
         random_rules(1_000_000, 1)

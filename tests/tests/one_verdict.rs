@@ -25,13 +25,7 @@ struct Node {
 /// A node with `primary`, `excluded` as excluded namespaces, DENIED denied and the
 /// uplink up0 filtered (as `auto` would pick it on a real node).
 fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let conflist = dirs.conf_dir().join("10-primary.conflist");
-    let list =
-        json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(primary)] });
-    std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(primary)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let mut flags = vec!["--host-interfaces=up0", "--exclude-namespaces=kube-system"];
     flags.extend_from_slice(extra_flags);

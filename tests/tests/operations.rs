@@ -76,11 +76,7 @@ fn a_pod_started_before_the_installer_is_repaired_without_a_restart() -> Result<
 fn host_interfaces_follow_the_default_route() -> Result<()> {
     require_root();
     let ns = Netns::new("edh")?;
-    let dirs = InstallerDirs::new()?;
-    std::fs::write(
-        dirs.conf_dir().join("10-ptp.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-    )?;
+    let dirs = InstallerDirs::with_placeholder_primary()?;
     let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=auto"])?;
     installer.wait_ready()?;
     let layout = dirs.layout();
@@ -135,14 +131,7 @@ fn host_interfaces_follow_the_default_route() -> Result<()> {
 #[test]
 fn a_flood_of_denied_packets_gives_bounded_log_output_and_exact_counts() -> Result<()> {
     require_root();
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    std::fs::write(
-        dirs.conf_dir().join("10-bridge.conflist"),
-        serde_json::to_vec(&primary)?,
-    )?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, _) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let installer = Installer::start(
         &dirs,

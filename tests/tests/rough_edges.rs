@@ -15,11 +15,7 @@ use egress_deny_tests::{
 #[test]
 fn status_exit_codes_tell_a_script_what_state_the_node_is_in() -> Result<()> {
     require_root();
-    let dirs = InstallerDirs::new()?;
-    std::fs::write(
-        dirs.conf_dir().join("10-ptp.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-    )?;
+    let dirs = InstallerDirs::with_placeholder_primary()?;
     let (code, out) = dirs.status_code(None)?;
     assert_eq!(code, 3, "nothing installed:\n{out}");
 
@@ -107,12 +103,7 @@ fn a_second_daemon_waits_for_the_first_and_takes_over_without_a_gap() -> Result<
         probe::Flood,
     };
     require_root();
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let conflist = dirs.conf_dir().join("10-bridge.conflist");
-    let list = serde_json::json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let first = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
     first.wait_ready()?;

@@ -16,7 +16,8 @@ use egress_deny_datapath::{
     rules::{Action, RuleTables},
 };
 use egress_deny_tests::{
-    Netns, PinDir, open_tun,
+    PinDir, open_tun,
+    topology::PodHost,
     probe::{self, bind_in, udp_through},
     require_root,
 };
@@ -27,42 +28,12 @@ const DENIED_V6: &str = "2001:db8:dead::7";
 const ALLOWED_V6: &str = "2001:db8:beef::10";
 const UDP_PORT: u16 = 9999;
 
-/// "pod" and "host" namespaces joined by a veth; the host answers on four addresses.
-struct Topology {
-    pod: Netns,
-    host: Netns,
-    host_veth: String,
-}
+type Topology = PodHost;
 
+/// "pod" and "host" namespaces joined by a veth; the host answers on four addresses.
 fn topology() -> Result<Topology> {
-    let pod = Netns::new("edt-pod")?;
-    let host = Netns::new("edt-host")?;
-    let host_veth = format!("edh{}", &host.name[host.name.len() - 6..]);
-    host.ip(&format!(
-        "link add {host_veth} type veth peer name eth0 netns {}",
-        pod.name
-    ))?;
-    host.ip(&format!("addr add 10.77.0.1/24 dev {host_veth}"))?;
-    host.ip(&format!("addr add fd77::1/64 dev {host_veth} nodad"))?;
-    host.ip(&format!("link set {host_veth} up"))?;
-    for addr in [
-        format!("{DENIED_V4}/32"),
-        format!("{ALLOWED_V4}/32"),
-        format!("{DENIED_V6}/128"),
-        format!("{ALLOWED_V6}/128"),
-    ] {
-        host.ip(&format!("addr add {addr} dev lo"))?;
-    }
-    pod.ip("addr add 10.77.0.2/24 dev eth0")?;
-    pod.ip("addr add fd77::2/64 dev eth0 nodad")?;
-    pod.ip("link set eth0 up")?;
-    pod.ip("route add default via 10.77.0.1")?;
-    pod.ip("-6 route add default via fd77::1")?;
-    Ok(Topology {
-        pod,
-        host,
-        host_veth,
-    })
+    let destinations = [DENIED_V4, ALLOWED_V4, DENIED_V6, ALLOWED_V6].map(|a| a.parse().expect("address"));
+    PodHost::new("edt", &destinations, None)
 }
 
 fn datagrams_through(topo: &Topology, target: &str, marker: &str, count: usize) -> Result<usize> {

@@ -18,7 +18,12 @@ use egress_deny_datapath::{
     netns::NetnsGuard,
     rules::{Action, RuleTables},
 };
-use egress_deny_tests::{Netns, PinDir, packet, probe::CpuPin, require_root};
+use egress_deny_tests::{
+    Netns, PinDir, packet,
+    probe::CpuPin,
+    require_root,
+    topology::{Macs, PodHost},
+};
 
 const DENIED_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const ALLOWED_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -80,51 +85,23 @@ impl Tpids {
 
 type CaseKey = (Family, Tpids, Dest, usize);
 
-/// "pod" and "host" namespaces joined by a veth; the host owns the four destinations,
-/// so whatever the kernel delivers as IP reaches a UDP socket there.
-struct Topology {
-    pod: Netns,
-    host: Netns,
-    host_veth: String,
-}
+type Topology = PodHost;
 
+/// "pod" and "host" namespaces joined by a veth with fixed MACs (the frames are written
+/// by hand); the host owns the four destinations, so whatever the kernel delivers as IP
+/// reaches a UDP socket there.
 fn topology() -> Result<Topology> {
-    let pod = Netns::new("edv-pod")?;
-    let host = Netns::new("edv-host")?;
-    let host_veth = format!("edv{}", &host.name[host.name.len() - 6..]);
-    host.ip(&format!(
-        "link add {host_veth} type veth peer name eth0 netns {}",
-        pod.name
-    ))?;
-    host.ip(&format!("link set {host_veth} address {}", mac(HOST_MAC)))?;
-    host.ip(&format!("addr add 10.77.0.1/24 dev {host_veth}"))?;
-    host.ip(&format!("addr add fd77::1/64 dev {host_veth} nodad"))?;
-    host.ip(&format!("link set {host_veth} up"))?;
-    for addr in [
-        format!("{DENIED_V4}/32"),
-        format!("{ALLOWED_V4}/32"),
-        format!("{DENIED_V6}/128"),
-        format!("{ALLOWED_V6}/128"),
-    ] {
-        host.ip(&format!("addr add {addr} dev lo"))?;
-    }
-    pod.ip(&format!("link set eth0 address {}", mac(POD_MAC)))?;
-    pod.ip(&format!("addr add {POD_V4}/24 dev eth0"))?;
-    pod.ip(&format!("addr add {POD_V6}/64 dev eth0 nodad"))?;
-    pod.ip("link set eth0 up")?;
-    Ok(Topology {
-        pod,
-        host,
-        host_veth,
-    })
-}
-
-fn mac(bytes: [u8; 6]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    let destinations = [
+        IpAddr::V4(DENIED_V4),
+        IpAddr::V4(ALLOWED_V4),
+        IpAddr::V6(DENIED_V6),
+        IpAddr::V6(ALLOWED_V6),
+    ];
+    let macs = Macs {
+        host: HOST_MAC,
+        pod: POD_MAC,
+    };
+    PodHost::new("edv", &destinations, Some(macs))
 }
 
 /// An AF_PACKET raw socket on the pod's eth0: sends frames exactly as given.

@@ -60,15 +60,23 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// CNI ADD/DEL latency through a real runtime, with the rule set loaded.
+#[derive(clap::Parser)]
+struct Args {
+    /// Pods to add and delete.
+    #[arg(default_value_t = 200)]
+    pods: usize,
+    /// IPv4 rules in the table (the published benchmark's mix).
+    #[arg(default_value_t = 1_000_000)]
+    rules: usize,
+}
+
 fn main() -> Result<()> {
     require_root();
-    let mut args = std::env::args().skip(1);
-    let pods: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
-    let rule_count: usize = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
+    let Args {
+        pods,
+        rules: rule_count,
+    } = clap::Parser::parse();
     let pins = PinDir::new()?;
     deny_v4(&pins.layout, &rule_mix(rule_count, 3))?;
     // stateDir on tmpfs, like its default /run/egress-deny on a node (this VM's /run is

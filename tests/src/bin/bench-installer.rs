@@ -93,13 +93,17 @@ fn table_bytes(dirs: &InstallerDirs) -> u64 {
         .unwrap_or(0)
 }
 
+/// Set-up time and memory of the real daemon, 1M and 10M rules.
+#[derive(clap::Parser)]
+struct Args {
+    /// Largest rule count measured (1M and 10M up to it).
+    #[arg(default_value_t = 10_000_000)]
+    max_rules: usize,
+}
+
 fn main() -> Result<()> {
     require_root();
-    let max: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(10_000_000);
+    let Args { max_rules: max } = clap::Parser::parse();
     let daemonset_limit = daemonset_memory_limit()?;
     let mut rows = Vec::new();
     println!(
@@ -111,11 +115,7 @@ fn main() -> Result<()> {
         .filter(|n| *n <= max)
     {
         let ns = Netns::new("edb")?;
-        let dirs = InstallerDirs::new()?;
-        std::fs::write(
-            dirs.conf_dir().join("10-ptp.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp"}]}"#,
-        )?;
+        let dirs = InstallerDirs::with_placeholder_primary()?;
         let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=none"])?;
         installer.wait_ready()?;
         // The DaemonSet's limit, charged for the daemon and the tables it creates; a

@@ -45,12 +45,7 @@ struct Run {
 }
 
 fn measure(flags: &[&str], args: &Args, rules: &str) -> Result<Vec<Run>> {
-    let node = CniNode::new()?;
-    let dirs = InstallerDirs::new()?;
-    let conflist = dirs.conf_dir().join("10-bridge.conflist");
-    let list = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
-    std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
-    *node.extra_cni_path.lock().unwrap() = Some(dirs.bin_dir());
+    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
     dirs.publish_rules(&[("rules", rules.as_bytes())])?;
     let mut all = vec!["--host-interfaces=up0", "--deny-events-per-second=0"];
     all.extend_from_slice(flags);
