@@ -14,7 +14,6 @@ use egress_deny_tests::{
     probe::{ping, udp_through},
     require_root, run, wait_until,
 };
-use serde_json::json;
 
 /// Pins a new v4 table map at `path`, where the old one's pin was removed: what another
 /// version (`Compatible::No`: a plain array) or a daemon killed right after creating the

@@ -16,10 +16,10 @@ use egress_deny_datapath::{
     rules::{Action, RuleTables},
 };
 use egress_deny_tests::{
-    PinDir, open_tun,
-    topology::PodHost,
+    Netns, PinDir, open_tun,
     probe::{self, bind_in, udp_through},
     require_root,
+    topology::PodHost,
 };
 
 const DENIED_V4: &str = "198.51.100.7";
@@ -32,7 +32,8 @@ type Topology = PodHost;
 
 /// "pod" and "host" namespaces joined by a veth; the host answers on four addresses.
 fn topology() -> Result<Topology> {
-    let destinations = [DENIED_V4, ALLOWED_V4, DENIED_V6, ALLOWED_V6].map(|a| a.parse().expect("address"));
+    let destinations =
+        [DENIED_V4, ALLOWED_V4, DENIED_V6, ALLOWED_V6].map(|a| a.parse().expect("address"));
     PodHost::new("edt", &destinations, None)
 }
 

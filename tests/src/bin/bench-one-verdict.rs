@@ -14,11 +14,10 @@ use egress_deny_datapath::{counters::CounterMap, paths::ProgramKind};
 use egress_deny_tests::{
     bench::{machine, rule_mix, write_section},
     cni::{ALLOWED, CniNode, DENIED, Primary},
-    installer::{Installer, InstallerDirs},
+    installer::Installer,
     probe::udp_through,
     require_root,
 };
-use serde_json::json;
 
 #[derive(Parser)]
 struct Args {
