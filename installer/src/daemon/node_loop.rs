@@ -70,28 +70,27 @@ pub(super) fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<
         }
         if verify_due.is_some_and(|due| now >= due) {
             verify_due = None;
-            if !shared.staged.load(Ordering::Relaxed) {
-                verify::attachments(
-                    layout,
-                    state,
-                    &shared.repairs,
-                    verify::Trigger::Notification,
-                );
-            }
+            verify_unless_staged(shared, verify::Trigger::Notification);
         }
         if now >= next_tick {
             next_tick = now + TICK;
             ensure_conflist(args, shared, &mut conflist_error);
             // Verified (and repairs counted) before the host attachments are
             // re-asserted, which would otherwise restore a lost filter silently.
-            if !shared.staged.load(Ordering::Relaxed) {
-                verify::attachments(layout, state, &shared.repairs, verify::Trigger::Tick);
-            }
+            verify_unless_staged(shared, verify::Trigger::Tick);
             host_links = attach_host_interfaces(args, layout, state, &host_links);
             repair::clean_up_vanished(layout, state);
             repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
             set_host_interfaces(shared, args, &host_links);
         }
+    }
+}
+
+/// Checks (and repairs) every attachment; not while a staged program waits, whose
+/// attachments deliberately stay on the previous program.
+fn verify_unless_staged(shared: &Shared, trigger: verify::Trigger) {
+    if !shared.staged.load(Ordering::Relaxed) {
+        verify::attachments(&shared.layout, &shared.state, &shared.repairs, trigger);
     }
 }
 
