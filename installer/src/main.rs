@@ -1,5 +1,8 @@
-//! `egress-deny-installer`: the per-node daemon and its CLI.
+//! `egress-deny-installer`: the per-node daemon and its CLI. Parses the command line and
+//! runs the subcommand (`commands/`).
+mod attachments;
 mod cli;
+mod commands;
 mod conflist;
 mod daemon;
 mod logging;
@@ -10,7 +13,6 @@ mod rules;
 mod rules_tools;
 mod status;
 mod sync;
-mod uninstall;
 mod verify;
 
 use std::process::ExitCode;
@@ -18,23 +20,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    logging::init(match &cli.command {
-        cli::Command::Run(args) => args.log_format,
-        _ => logging::LogFormat::Text,
-    });
-    let result = match &cli.command {
-        cli::Command::Run(args) => daemon::run(args).map(|()| 0),
-        cli::Command::Uninstall(args) => uninstall::run(args).map(|()| 0),
-        cli::Command::Status(args) => status::run_status(args),
-        cli::Command::Lookup(args) => status::run_lookup(args).map(|()| 0),
-        cli::Command::Rules(command) => rules_tools::run(command),
-    };
-    match result {
+    let cli = commands::Cli::parse();
+    logging::init(cli.command.log_format());
+    match cli.command.run() {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             log::error!("{e:#}");
-            ExitCode::from(status::exit::ERROR)
+            ExitCode::from(commands::status::exit::ERROR)
         }
     }
 }

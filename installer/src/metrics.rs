@@ -29,7 +29,11 @@ use egress_deny_datapath::{
 };
 use mio::{Events, Interest, Poll, Token, net::TcpListener};
 
-use crate::{conflist, daemon::Shared, status};
+use crate::{
+    attachments::{AttachmentKind, attachments},
+    conflist,
+    daemon::Shared,
+};
 
 /// Open connections at most; a new one beyond it takes the slot of the oldest one
 /// still waiting for its request (or is closed when every slot is being answered).
@@ -514,14 +518,14 @@ pub fn render(shared: &Shared) -> String {
         u8::from(readiness(shared).is_ok())
     );
 
-    let attachments = status::attachments(&shared.layout, &shared.state);
+    let attachments = attachments(&shared.layout, &shared.state);
     metric(
         &mut out,
         "egress_deny_attachments",
         "gauge",
         "Interfaces the program is attached to, by kind.",
     );
-    for kind in ["pod", "host"] {
+    for kind in AttachmentKind::ALL {
         let n = attachments.iter().filter(|a| a.kind == kind).count();
         let _ = writeln!(out, "egress_deny_attachments{{kind=\"{kind}\"}} {n}");
     }
@@ -567,7 +571,7 @@ pub fn render(shared: &Shared) -> String {
             "egress_deny_deny_events_suppressed_total{{{labels}}} {}",
             c.events_suppressed
         );
-        if a.kind == "host" {
+        if a.kind == AttachmentKind::Host {
             let _ = writeln!(
                 judged_before,
                 "egress_deny_packets_judged_before_total{{{labels}}} {}",

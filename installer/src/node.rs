@@ -8,6 +8,8 @@ use std::{
     path::Path,
 };
 
+use anyhow::{Context, Result, bail};
+
 /// Default routes: (interface, gateway) from /proc/net/route and /proc/net/ipv6_route.
 pub fn default_routes() -> Vec<(String, Option<IpAddr>)> {
     let mut out = Vec::new();
@@ -54,6 +56,33 @@ pub fn host_interfaces(setting: &str) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// The plugin's file name, next to this executable and in the CNI bin dir.
+pub const PLUGIN_NAME: &str = "egress-deny";
+
+/// Installs the plugin (`--plugin-binary`, or the one next to this executable) into the
+/// CNI bin dir.
+pub fn install_plugin(plugin_binary: Option<&Path>, cni_bin_dir: &Path) -> Result<()> {
+    let plugin_source = match plugin_binary {
+        Some(path) => path.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join(PLUGIN_NAME))
+            .context("own directory")?,
+    };
+    if !plugin_source.is_file() {
+        bail!(
+            "plugin binary {} not found (--plugin-binary)",
+            plugin_source.display()
+        );
+    }
+    if install_binary(&plugin_source, cni_bin_dir, PLUGIN_NAME)
+        .with_context(|| format!("installing the plugin into {}", cni_bin_dir.display()))?
+    {
+        log::info!("installed {} into {}", PLUGIN_NAME, cni_bin_dir.display());
+    }
+    Ok(())
 }
 
 /// Copies the plugin into the CNI bin dir atomically; skipped when identical.

@@ -1,13 +1,25 @@
 //! `uninstall`: the explicit removal. Every step tolerates "already gone", so running it
 //! twice (or after a partial run) is fine.
 use anyhow::Result;
+use clap::Args;
 use egress_deny_datapath::{
     lifecycle, loader,
     paths::{PinLayout, StateLayout},
     records::HostRecord,
 };
 
-use crate::{cli::UninstallArgs, conflist};
+use crate::{
+    cli::{CniDirs, StateArgs},
+    conflist, daemon, node, status,
+};
+
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub cni: CniDirs,
+}
 
 pub fn run(args: &UninstallArgs) -> Result<()> {
     // First the conflist entry: no new pod gets attached from here on.
@@ -22,14 +34,14 @@ pub fn run(args: &UninstallArgs) -> Result<()> {
     }
     // Host interfaces by their records (a cls_bpf filter has no pin to go with).
     for (path, record) in HostRecord::list(&state) {
-        crate::daemon::detach_host(&layout, &record);
+        daemon::detach_host(&layout, &record);
         let _ = std::fs::remove_file(path);
     }
     // Remaining pins (host links of older versions, programs, maps) go with the pin
     // dir: a TCX link is detached once its pin is gone.
     loader::unpin_all(&layout)?;
-    let _ = std::fs::remove_file(crate::status::status_path(&args.state.state_dir));
-    let binary = args.cni.cni_bin_dir.join(crate::daemon::PLUGIN_NAME);
+    let _ = std::fs::remove_file(status::status_path(&args.state.state_dir));
+    let binary = args.cni.cni_bin_dir.join(node::PLUGIN_NAME);
     match std::fs::remove_file(&binary) {
         Ok(()) => log::info!("removed {}", binary.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
