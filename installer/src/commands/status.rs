@@ -57,7 +57,7 @@ pub fn run(args: &StateArgs) -> Result<u8> {
                 )?;
                 writeln!(
                     out,
-                    "last sync: {} ({}s ago), {} ms, {} tables swapped, {}",
+                    "last sync: {} ({}s ago), {} ms, tables swapped: {}, {}",
                     rfc3339(sync.time),
                     now().saturating_sub(sync.time),
                     sync.duration_ms,

@@ -233,7 +233,7 @@ impl RulesSync {
         let (ok, error, operations, files) = match outcome {
             Ok((ops, files, lines)) => {
                 log::info!(
-                    "rules synced in {} ms: {} ({ops} tables swapped, {files} files, {lines} lines)",
+                    "rules synced in {} ms: {} (tables swapped: {ops}, {files} files, {lines} lines)",
                     elapsed.as_millis(),
                     rules,
                 );
