@@ -21,20 +21,8 @@ use crate::{
     table::{self, Entry, Layout, TableKey, TableView},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Action {
-    Deny,
-    Allow,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Deny => "deny",
-            Action::Allow => "allow",
-        }
-    }
-}
+/// A rule's action; defined with the rule model the table compiler reads.
+pub use crate::table::Action;
 
 /// Result of looking an address up the way the datapath does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
