@@ -39,13 +39,6 @@ pub enum Error {
         source: Box<aya::pin::PinError>,
     },
 
-    #[error("{context}: {source}")]
-    Link {
-        context: String,
-        #[source]
-        source: Box<aya::programs::links::LinkError>,
-    },
-
     #[error("interface {0} not found")]
     NoSuchInterface(String),
 
@@ -82,13 +75,6 @@ impl Error {
 
     pub fn map(context: impl Into<String>, source: aya::maps::MapError) -> Self {
         Error::Map {
-            context: context.into(),
-            source: Box::new(source),
-        }
-    }
-
-    pub fn link(context: impl Into<String>, source: aya::programs::links::LinkError) -> Self {
-        Error::Link {
             context: context.into(),
             source: Box::new(source),
         }
