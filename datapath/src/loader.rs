@@ -15,7 +15,7 @@ use egress_deny_common::{Counters, EVENTS_RING_BYTES, MAX_ATTACHMENTS, Settings}
 
 use crate::{
     EBPF_OBJECT,
-    error::{Error, Result},
+    error::{Error, Result, is_missing},
     paths::{
         CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, RETIRED_MAPS, SETTINGS_MAP,
         V4_TABLE_MAP, V6_TABLE_MAP,
@@ -272,7 +272,7 @@ fn unpin_retired_maps(layout: &PinLayout) {
                 "unpinned {}, the rule map of an older version",
                 path.display()
             ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if is_missing(&e) => {}
             Err(e) => log::warn!("unpinning {}: {e}", path.display()),
         }
     }
@@ -342,7 +342,7 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
 pub fn unpin_all(layout: &PinLayout) -> Result<()> {
     match fs::remove_dir_all(layout.root()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
         Err(e) => Err(Error::io(
             format!("removing {}", layout.root().display()),
             e,

@@ -15,7 +15,7 @@ use egress_deny_common::{TABLE_BLOCK_BYTES, TABLE_MAP_FLAGS, TableHeader};
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result, is_missing, missing_is_not_installed},
     paths::{PinLayout, V4_TABLE_MAP, V6_TABLE_MAP},
     sys,
     table::{self, Entry, Layout, TableKey, TableView},
@@ -272,7 +272,7 @@ fn table_id(outer: &OwnedFd) -> Result<u32> {
     let mut id = [0u8; 4];
     match sys::map_lookup(outer.as_fd(), &0u32.to_ne_bytes(), &mut id) {
         Ok(()) => Ok(u32::from_ne_bytes(id)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+        Err(e) if is_missing(&e) => Ok(0),
         Err(e) => Err(Error::io("reading the table in force", e)),
     }
 }
@@ -299,7 +299,7 @@ impl MappedTable {
             }
             let fd = match sys::map_fd_by_id(id) {
                 Ok(fd) => fd,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) if is_missing(&e) => continue,
                 Err(e) => return Err(Error::io(format!("opening table map {id}"), e)),
             };
             let info =
