@@ -166,7 +166,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
             unpin_retired_maps(layout);
             layout.program(kind)
         };
-        let tmp_path = layout.root().join(format!("{}_new", kind.name()));
+        let tmp_path = layout.pinning_program(kind);
         let _ = fs::remove_file(&tmp_path);
         program.pin(&tmp_path).map_err(|e| Error::Pin {
             path: tmp_path.clone(),
