@@ -76,6 +76,30 @@ impl Address for u128 {
     }
 }
 
+/// A prefix (truncated) as an entry of its family: the one place an [`IpNet`] splits
+/// into the per-family types the generic code works on.
+pub(crate) enum FamilyEntry {
+    V4(Entry<u32>),
+    V6(Entry<u128>),
+}
+
+impl FamilyEntry {
+    pub(crate) fn new(net: IpNet, action: Action) -> Self {
+        match net.trunc() {
+            IpNet::V4(n) => FamilyEntry::V4(Entry {
+                addr: n.network().into(),
+                len: n.prefix_len(),
+                action,
+            }),
+            IpNet::V6(n) => FamilyEntry::V6(Entry {
+                addr: n.network().into(),
+                len: n.prefix_len(),
+                action,
+            }),
+        }
+    }
+}
+
 /// A complete rule set, sorted by (address, length) and free of duplicates.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
@@ -113,31 +137,17 @@ impl RuleSet {
 
     /// Adds an allow-exception (replacing a deny of exactly that prefix).
     pub fn allow(&mut self, net: IpNet) {
-        match net.trunc() {
-            IpNet::V4(n) => upsert(
-                &mut self.v4,
-                Entry {
-                    addr: u32::from(n.network()),
-                    len: n.prefix_len(),
-                    action: Action::Allow,
-                },
-            ),
-            IpNet::V6(n) => upsert(
-                &mut self.v6,
-                Entry {
-                    addr: u128::from(n.network()),
-                    len: n.prefix_len(),
-                    action: Action::Allow,
-                },
-            ),
+        match FamilyEntry::new(net, Action::Allow) {
+            FamilyEntry::V4(e) => upsert(&mut self.v4, e),
+            FamilyEntry::V6(e) => upsert(&mut self.v6, e),
         }
     }
 
     /// The deny entries that contain `net` (shortest first).
     pub fn denies_covering(&self, net: IpNet) -> Vec<IpNet> {
-        match net.trunc() {
-            IpNet::V4(n) => covering(&self.v4, u32::from(n.network()), n.prefix_len()),
-            IpNet::V6(n) => covering(&self.v6, u128::from(n.network()), n.prefix_len()),
+        match FamilyEntry::new(net, Action::Deny) {
+            FamilyEntry::V4(e) => covering(&self.v4, e.addr, e.len),
+            FamilyEntry::V6(e) => covering(&self.v6, e.addr, e.len),
         }
     }
 

@@ -392,20 +392,17 @@ mod tests {
             ("r", ranges),
         ]);
         let parsed = parse_dir(dir.path()).unwrap();
+        fn with<A: Address>(entries: &[Entry<A>], action: Action) -> impl Iterator<Item = IpNet> {
+            entries
+                .iter()
+                .filter(move |e| e.action == action)
+                .map(|e| e.addr.to_net(e.len))
+        }
         let nets = |action| -> Vec<String> {
-            let v4 = parsed
-                .rules
-                .v4
-                .iter()
-                .filter(|e| e.action == action)
-                .map(|e| e.addr.to_net(e.len));
-            let v6 = parsed
-                .rules
-                .v6
-                .iter()
-                .filter(|e| e.action == action)
-                .map(|e| e.addr.to_net(e.len));
-            v4.chain(v6).map(|n| n.to_string()).collect()
+            with(&parsed.rules.v4, action)
+                .chain(with(&parsed.rules.v6, action))
+                .map(|n| n.to_string())
+                .collect()
         };
         assert_eq!(
             nets(Action::Deny),

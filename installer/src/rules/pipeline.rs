@@ -16,7 +16,7 @@ use egress_deny_datapath::rules::Action;
 use ipnet::IpNet;
 
 use super::{
-    Address, Entry, Limits, Parsed, RuleSet, RulesError, UTF8_BOM,
+    Address, Entry, FamilyEntry, Limits, Parsed, RuleSet, RulesError, UTF8_BOM,
     files::{for_each_line, open, shown},
     parse::{Rule, fast_line, parse_rule, split_rule},
     sort_dedup,
@@ -432,17 +432,9 @@ fn parse_blocks(
 }
 
 fn push_net(out: &mut Output, net: IpNet, action: Action) {
-    match net {
-        IpNet::V4(n) => out.v4.push(Entry {
-            addr: n.network().into(),
-            len: n.prefix_len(),
-            action,
-        }),
-        IpNet::V6(n) => out.v6.push(Entry {
-            addr: n.network().into(),
-            len: n.prefix_len(),
-            action,
-        }),
+    match FamilyEntry::new(net, action) {
+        FamilyEntry::V4(e) => out.v4.push(e),
+        FamilyEntry::V6(e) => out.v6.push(e),
     }
 }
 
