@@ -450,28 +450,18 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_line() {
-        let dir = dir_with(&[("rules", b"10.0.0.0/8\n\n10.1.2.3/8\n")]);
-        let err = parse_dir(dir.path()).unwrap_err().to_string();
+        let error =
+            |files: &[(&str, &[u8])]| parse_dir(dir_with(files).path()).unwrap_err().to_string();
+        let err = error(&[("rules", b"10.0.0.0/8\n\n10.1.2.3/8\n")]);
         assert!(
             err.ends_with("rules:3: 10.1.2.3/8 has host bits set (did you mean 10.0.0.0/8?)"),
             "{err}"
         );
-        let dir = dir_with(&[("x", b"1.2.3.4\nbanana\n")]);
-        assert!(
-            parse_dir(dir.path())
-                .unwrap_err()
-                .to_string()
-                .contains("x:2: \"banana\"")
-        );
+        assert!(error(&[("x", b"1.2.3.4\nbanana\n")]).contains("x:2: \"banana\""));
         let dir = dir_with(&[("x", b"1.2.3.0/33\n")]);
         assert!(parse_dir(dir.path()).is_err());
-        let dir = dir_with(&[("x", b"1.2.3.4\n"), ("y", b"\xff\xfe\n")]);
-        assert!(
-            parse_dir(dir.path())
-                .unwrap_err()
-                .to_string()
-                .contains("y:1: not valid UTF-8")
-        );
+        let err = error(&[("x", b"1.2.3.4\n"), ("y", b"\xff\xfe\n")]);
+        assert!(err.contains("y:1: not valid UTF-8"), "{err}");
         let dir = dir_with(&[("x.gz", b"not gzip")]);
         let err = parse_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains("x.gz") && !err.is_about_content());
