@@ -72,16 +72,20 @@ impl RuleTables {
     /// Compiles `rules` (sorted by (addr, len), deduplicated) into a new IPv4 table and
     /// makes it the one in force.
     pub fn replace_v4(&self, rules: &[Entry<u32>]) -> Result<Swap> {
-        replace(&self.v4, V4_TABLE_MAP, rules, Layout::default())
+        self.replace(rules, Layout::default())
     }
 
     pub fn replace_v6(&self, rules: &[Entry<u128>]) -> Result<Swap> {
-        replace(&self.v6, V6_TABLE_MAP, rules, Layout::default())
+        self.replace(rules, Layout::default())
     }
 
     /// As [`Self::replace_v4`] with another layout (benchmarks compare layouts).
     pub fn replace_v4_with(&self, rules: &[Entry<u32>], layout: Layout) -> Result<Swap> {
-        replace(&self.v4, V4_TABLE_MAP, rules, layout)
+        self.replace(rules, layout)
+    }
+
+    fn replace<K: Family>(&self, rules: &[Entry<K>], layout: Layout) -> Result<Swap> {
+        replace(K::outer(self), K::TABLE_MAP, rules, layout)
     }
 
     /// Decides `addr` with the tables in force (see [`Snapshot::decide`]).
@@ -171,24 +175,47 @@ impl RuleTables {
     }
 
     fn edit(&self, net: IpNet, action: Option<Action>) -> Result<bool> {
-        let net = net.trunc();
-        let snapshot = self.snapshot()?;
-        match net {
-            IpNet::V4(n) => {
-                let mut rules = snapshot.v4_rules()?;
-                let changed = edit(&mut rules, u32::from(n.network()), n.prefix_len(), action);
-                drop(snapshot);
-                self.replace_v4(&rules)?;
-                Ok(changed)
-            }
-            IpNet::V6(n) => {
-                let mut rules = snapshot.v6_rules()?;
-                let changed = edit(&mut rules, u128::from(n.network()), n.prefix_len(), action);
-                drop(snapshot);
-                self.replace_v6(&rules)?;
-                Ok(changed)
-            }
+        match net.trunc() {
+            IpNet::V4(n) => self.edit_family(u32::from(n.network()), n.prefix_len(), action),
+            IpNet::V6(n) => self.edit_family(u128::from(n.network()), n.prefix_len(), action),
         }
+    }
+
+    fn edit_family<K: Family>(&self, addr: K, len: u8, action: Option<Action>) -> Result<bool> {
+        let snapshot = self.snapshot()?;
+        let mut rules = snapshot.rules::<K>()?;
+        let changed = edit(&mut rules, addr, len, action);
+        drop(snapshot);
+        self.replace(&rules, Layout::default())?;
+        Ok(changed)
+    }
+}
+
+/// What tells the two families apart in the tables (which outer map, which mapped
+/// table): everything else is one generic path.
+trait Family: TableKey {
+    const TABLE_MAP: &'static str;
+    fn outer(tables: &RuleTables) -> &OwnedFd;
+    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable>;
+}
+
+impl Family for u32 {
+    const TABLE_MAP: &'static str = V4_TABLE_MAP;
+    fn outer(tables: &RuleTables) -> &OwnedFd {
+        &tables.v4
+    }
+    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable> {
+        &snapshot.v4
+    }
+}
+
+impl Family for u128 {
+    const TABLE_MAP: &'static str = V6_TABLE_MAP;
+    fn outer(tables: &RuleTables) -> &OwnedFd {
+        &tables.v6
+    }
+    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable> {
+        &snapshot.v6
     }
 }
 
@@ -367,26 +394,29 @@ impl Snapshot {
 
     /// Bytes of kernel memory the family's table takes (0 without one).
     pub fn table_bytes(&self, family: u8) -> u64 {
-        let table = if family == 4 { &self.v4 } else { &self.v6 };
-        table.as_ref().map_or(0, |t| t.len as u64)
+        self.table(family).as_ref().map_or(0, |t| t.len as u64)
     }
 
     /// Kernel ID of the family's table (0 without one).
     pub fn table_id(&self, family: u8) -> u32 {
-        let table = if family == 4 { &self.v4 } else { &self.v6 };
-        table.as_ref().map_or(0, |t| t.id)
+        self.table(family).as_ref().map_or(0, |t| t.id)
+    }
+
+    fn table(&self, family: u8) -> &Option<MappedTable> {
+        if family == 4 { &self.v4 } else { &self.v6 }
     }
 
     /// The deciding rules of the IPv4 table (validated whole first).
     pub fn v4_rules(&self) -> Result<Vec<Entry<u32>>> {
-        Ok(full_view::<u32>(&self.v4)?
-            .map(|v| v.rules())
-            .transpose()?
-            .unwrap_or_default())
+        self.rules()
     }
 
     pub fn v6_rules(&self) -> Result<Vec<Entry<u128>>> {
-        Ok(full_view::<u128>(&self.v6)?
+        self.rules()
+    }
+
+    fn rules<K: Family>(&self) -> Result<Vec<Entry<K>>> {
+        Ok(full_view::<K>(K::mapped(self))?
             .map(|v| v.rules())
             .transpose()?
             .unwrap_or_default())
