@@ -25,18 +25,49 @@ impl Rng {
 
 /// Addresses the tests can make at random.
 trait TestKey: TableKey {
+    /// What [`random_rules`] makes.
+    const SHAPE: Shape;
     fn random(rng: &mut Rng) -> Self;
+    fn flip_last_bit(self) -> Self;
 }
 
 impl TestKey for u32 {
+    const SHAPE: Shape = Shape {
+        hot_len: 8,
+        bulk: [(32, 89), (24, 99), (16, 100)],
+        chain: [
+            (false, 16, Action::Allow),
+            (false, 24, Action::Deny),
+            (false, 32, Action::Allow),
+            (true, 32, Action::Deny),
+            (false, 28, Action::Allow),
+        ],
+    };
     fn random(rng: &mut Rng) -> Self {
         rng.next() as u32
+    }
+    fn flip_last_bit(self) -> Self {
+        self ^ 1
     }
 }
 
 impl TestKey for u128 {
+    const SHAPE: Shape = Shape {
+        hot_len: 32,
+        bulk: [(128, 80), (64, 95), (48, 100)],
+        chain: [
+            (false, 48, Action::Allow),
+            (false, 64, Action::Deny),
+            (false, 96, Action::Allow),
+            (false, 128, Action::Deny),
+            (true, 128, Action::Allow),
+        ],
+    };
     fn random(rng: &mut Rng) -> Self {
         rng.u128()
+    }
+    fn flip_last_bit(self) -> Self {
+        self ^ 1
     }
 }
 
@@ -153,26 +184,36 @@ fn differential<K: TestKey>(rng: &mut Rng, rules: &[Entry<K>], layouts: &[Layout
     }
 }
 
-fn random_v4(rng: &mut Rng, n: usize) -> Vec<Entry<u32>> {
-    // A few hot /8s, so that random rules nest and neighbour each other.
-    let hot: Vec<u32> = (0..4).map(|_| rng.next() as u32 & 0xff00_0000).collect();
+/// How a family's random rule sets look: a few hot prefixes of `hot_len`, so that
+/// random rules nest and neighbour each other; the bulk at three lengths (picked while
+/// a percentile is below each bound); under each hot prefix, chains of exceptions.
+struct Shape {
+    hot_len: u8,
+    bulk: [(u8, u64); 3],
+    /// (the address with its last bit flipped, length, action).
+    chain: [(bool, u8, Action); 5],
+}
+
+fn random_rules<K: TestKey>(rng: &mut Rng, n: usize) -> Vec<Entry<K>> {
+    let shape = &K::SHAPE;
+    let hot: Vec<K> = (0..4)
+        .map(|_| K::random(rng) & !K::host_mask(shape.hot_len))
+        .collect();
     let mut rules = Vec::with_capacity(n + n / 50);
     let pick = |rng: &mut Rng| {
         if rng.below(2) == 0 {
-            hot[rng.below(4) as usize] | (rng.next() as u32 & 0x00ff_ffff)
+            hot[rng.below(4) as usize] | (K::random(rng) & K::host_mask(shape.hot_len))
         } else {
-            rng.next() as u32
+            K::random(rng)
         }
     };
     for _ in 0..n {
         let r = rng.below(100);
-        let len = if r < 89 {
-            32
-        } else if r < 99 {
-            24
-        } else {
-            16
-        };
+        let (len, _) = *shape
+            .bulk
+            .iter()
+            .find(|&&(_, below)| r < below)
+            .expect("the last bound is 100");
         let action = if rng.below(10) < 8 {
             Action::Deny
         } else {
@@ -180,21 +221,18 @@ fn random_v4(rng: &mut Rng, n: usize) -> Vec<Entry<u32>> {
         };
         rules.push(entry(pick(rng), len, action));
     }
-    // Exception chains: deny /8 > allow /16 > deny /24 > allow /32, several per /8.
     for &top in &hot {
-        rules.push(entry(top, 8, Action::Deny));
+        rules.push(entry(top, shape.hot_len, Action::Deny));
         for _ in 0..n / 400 + 1 {
-            let a = top | (rng.next() as u32 & 0x00ff_ffff);
-            rules.push(entry(a, 16, Action::Allow));
-            rules.push(entry(a, 24, Action::Deny));
-            rules.push(entry(a, 32, Action::Allow));
-            rules.push(entry(a ^ 1, 32, Action::Deny));
-            rules.push(entry(a, 28, Action::Allow));
+            let a = top | (K::random(rng) & K::host_mask(shape.hot_len));
+            for &(flip, len, action) in &shape.chain {
+                rules.push(entry(if flip { a.flip_last_bit() } else { a }, len, action));
+            }
         }
     }
     // Any length, a few.
     for _ in 0..n / 200 + 1 {
-        let len = rng.below(33) as u8;
+        let len = rng.below(u64::from(K::BITS) + 1) as u8;
         let action = if rng.below(2) == 0 {
             Action::Deny
         } else {
@@ -205,53 +243,12 @@ fn random_v4(rng: &mut Rng, n: usize) -> Vec<Entry<u32>> {
     normalize(rules)
 }
 
+fn random_v4(rng: &mut Rng, n: usize) -> Vec<Entry<u32>> {
+    random_rules(rng, n)
+}
+
 fn random_v6(rng: &mut Rng, n: usize) -> Vec<Entry<u128>> {
-    let hot: Vec<u128> = (0..4).map(|_| rng.u128() & !u128::host_mask(32)).collect();
-    let mut rules = Vec::with_capacity(n + n / 50);
-    let pick = |rng: &mut Rng| {
-        if rng.below(2) == 0 {
-            hot[rng.below(4) as usize] | (rng.u128() & u128::host_mask(32))
-        } else {
-            rng.u128()
-        }
-    };
-    for _ in 0..n {
-        let r = rng.below(100);
-        let len = if r < 80 {
-            128
-        } else if r < 95 {
-            64
-        } else {
-            48
-        };
-        let action = if rng.below(10) < 8 {
-            Action::Deny
-        } else {
-            Action::Allow
-        };
-        rules.push(entry(pick(rng), len, action));
-    }
-    for &top in &hot {
-        rules.push(entry(top, 32, Action::Deny));
-        for _ in 0..n / 400 + 1 {
-            let a = top | (rng.u128() & u128::host_mask(32));
-            rules.push(entry(a, 48, Action::Allow));
-            rules.push(entry(a, 64, Action::Deny));
-            rules.push(entry(a, 96, Action::Allow));
-            rules.push(entry(a, 128, Action::Deny));
-            rules.push(entry(a ^ 1, 128, Action::Allow));
-        }
-    }
-    for _ in 0..n / 200 + 1 {
-        let len = rng.below(129) as u8;
-        let action = if rng.below(2) == 0 {
-            Action::Deny
-        } else {
-            Action::Allow
-        };
-        rules.push(entry(pick(rng), len, action));
-    }
-    normalize(rules)
+    random_rules(rng, n)
 }
 
 const LAYOUTS: [Layout; 3] = [
