@@ -84,8 +84,12 @@ impl RuleTables {
         self.replace(rules, layout)
     }
 
-    fn replace<K: Family>(&self, rules: &[Entry<K>], layout: Layout) -> Result<Swap> {
-        replace(K::outer(self), K::TABLE_MAP, rules, layout)
+    fn replace<K: TableKey>(&self, rules: &[Entry<K>], layout: Layout) -> Result<Swap> {
+        if K::FAMILY == 4 {
+            replace(&self.v4, V4_TABLE_MAP, rules, layout)
+        } else {
+            replace(&self.v6, V6_TABLE_MAP, rules, layout)
+        }
     }
 
     /// Decides `addr` with the tables in force (see [`Snapshot::decide`]).
@@ -181,41 +185,13 @@ impl RuleTables {
         }
     }
 
-    fn edit_family<K: Family>(&self, addr: K, len: u8, action: Option<Action>) -> Result<bool> {
+    fn edit_family<K: TableKey>(&self, addr: K, len: u8, action: Option<Action>) -> Result<bool> {
         let snapshot = self.snapshot()?;
         let mut rules = snapshot.rules::<K>()?;
         let changed = edit(&mut rules, addr, len, action);
         drop(snapshot);
         self.replace(&rules, Layout::default())?;
         Ok(changed)
-    }
-}
-
-/// What tells the two families apart in the tables (which outer map, which mapped
-/// table): everything else is one generic path.
-trait Family: TableKey {
-    const TABLE_MAP: &'static str;
-    fn outer(tables: &RuleTables) -> &OwnedFd;
-    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable>;
-}
-
-impl Family for u32 {
-    const TABLE_MAP: &'static str = V4_TABLE_MAP;
-    fn outer(tables: &RuleTables) -> &OwnedFd {
-        &tables.v4
-    }
-    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable> {
-        &snapshot.v4
-    }
-}
-
-impl Family for u128 {
-    const TABLE_MAP: &'static str = V6_TABLE_MAP;
-    fn outer(tables: &RuleTables) -> &OwnedFd {
-        &tables.v6
-    }
-    fn mapped(snapshot: &Snapshot) -> &Option<MappedTable> {
-        &snapshot.v6
     }
 }
 
@@ -415,8 +391,8 @@ impl Snapshot {
         self.rules()
     }
 
-    fn rules<K: Family>(&self) -> Result<Vec<Entry<K>>> {
-        Ok(full_view::<K>(K::mapped(self))?
+    fn rules<K: TableKey>(&self) -> Result<Vec<Entry<K>>> {
+        Ok(full_view::<K>(self.table(K::FAMILY as u8))?
             .map(|v| v.rules())
             .transpose()?
             .unwrap_or_default())
