@@ -21,7 +21,7 @@ use aya::programs::{
 };
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result, is_missing, missing_is_not_installed, remove_if_present},
     iface, netlink,
     paths::{PinLayout, ProgramKind},
     sys,
@@ -221,7 +221,7 @@ fn attach_tcx(
             return Ok(info.id);
         }
         // Pinned link of a vanished or different interface (a reused name): replace it.
-        remove_pin(pin)?;
+        remove_if_present(pin)?;
     }
     let link = sys::tcx_link_create(program, ifindex, tcx_attach_type(req.hook)).map_err(|e| {
         Error::io(
@@ -239,7 +239,7 @@ fn attach_tcx(
 /// Detaches. Already gone (pin, link, interface or filter) is success.
 pub fn detach(ifname: Option<&str>, hook: Hook, link_pin: &Path, mode: AttachMode) -> Result<()> {
     match mode {
-        AttachMode::Tcx => remove_pin(link_pin),
+        AttachMode::Tcx => remove_if_present(link_pin),
         AttachMode::Netlink => {
             let Some(ifname) = ifname else { return Ok(()) };
             let link = match SchedClassifierLink::attached(
@@ -267,14 +267,6 @@ pub fn detach(ifname: Option<&str>, hook: Hook, link_pin: &Path, mode: AttachMod
     }
 }
 
-fn remove_pin(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
-    }
-}
-
 /// State of a pinned TCX link as the kernel reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkState {
@@ -289,7 +281,7 @@ pub struct LinkState {
 pub fn pinned_link_state(path: &Path) -> Result<Option<LinkState>> {
     let fd = match sys::obj_get(path) {
         Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_missing(&e) => return Ok(None),
         Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
     };
     link_info(fd.as_fd()).map(Some)

@@ -3,7 +3,7 @@ use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
 use egress_deny_common::{CounterKey, Counters};
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result, is_missing, missing_is_not_installed},
     paths::{COUNTERS_MAP, PinLayout},
 };
 
@@ -32,9 +32,7 @@ impl CounterMap {
         match self.map.get(&CounterKey { ifindex }, 0) {
             Ok(per_cpu) => Ok(sum(per_cpu.iter())),
             Err(MapError::KeyNotFound) => Ok(Counters::default()),
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(Counters::default())
-            }
+            Err(MapError::SyscallError(s)) if is_missing(&s.io_error) => Ok(Counters::default()),
             Err(e) => Err(Error::map(
                 format!("reading counters of ifindex {ifindex}"),
                 e,
@@ -56,9 +54,7 @@ impl CounterMap {
     pub fn remove(&mut self, ifindex: u32) -> Result<()> {
         match self.map.remove(&CounterKey { ifindex }) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
+            Err(MapError::SyscallError(s)) if is_missing(&s.io_error) => Ok(()),
             Err(e) => Err(Error::map(
                 format!("removing counters of ifindex {ifindex}"),
                 e,

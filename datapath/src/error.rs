@@ -1,4 +1,7 @@
-use std::{io, path::PathBuf};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 /// Errors of the datapath library. aya's errors are boxed: they are large and rare.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +40,6 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: Box<aya::pin::PinError>,
-    },
-
-    #[error("{context}: {source}")]
-    Link {
-        context: String,
-        #[source]
-        source: Box<aya::programs::links::LinkError>,
     },
 
     #[error("interface {0} not found")]
@@ -87,22 +83,30 @@ impl Error {
         }
     }
 
-    pub fn link(context: impl Into<String>, source: aya::programs::links::LinkError) -> Self {
-        Error::Link {
-            context: context.into(),
-            source: Box::new(source),
-        }
-    }
-
     /// True when the error means "the installer's state is missing" rather than a fault.
     pub fn is_not_installed(&self) -> bool {
         matches!(self, Error::NotInstalled { .. })
     }
 }
 
+/// "Missing means absent", decided in one place: whether `err` says the file, pin or
+/// kernel object asked for is not there (ENOENT).
+pub(crate) fn is_missing(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::NotFound
+}
+
+/// Removes a file or pin; already gone is fine (removal must be repeatable).
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
+
 /// Turns ENOENT on `path` into `NotInstalled`, anything else into `Io`.
-pub(crate) fn missing_is_not_installed(path: &std::path::Path, err: io::Error) -> Error {
-    if err.kind() == io::ErrorKind::NotFound {
+pub(crate) fn missing_is_not_installed(path: &Path, err: io::Error) -> Error {
+    if is_missing(&err) {
         Error::NotInstalled {
             path: path.to_path_buf(),
         }

@@ -4,14 +4,13 @@
 //! record, the name-reuse guard, legacy names, counters, network scoping) cannot drift.
 use std::{
     collections::HashSet,
-    io,
     path::{Path, PathBuf},
 };
 
 use crate::{
     attach::{self, AttachMode, AttachRequest, Hook},
     counters::CounterMap,
-    error::{Error, Result},
+    error::{Error, Result, is_missing, remove_if_present},
     iface,
     paths::{AttachmentId, PinLayout, StateLayout, is_legacy_pod_link_name},
     records::{AttachmentRecord, PodIdentity},
@@ -78,7 +77,7 @@ fn retire_legacy(layout: &PinLayout, state: &StateLayout, id: &AttachmentId) {
     {
         return;
     }
-    if let Err(e) = remove_pin(&record.link_pin_path(layout)) {
+    if let Err(e) = remove_if_present(&record.link_pin_path(layout)) {
         log::warn!("{id}: removing the legacy link pin: {e}");
     }
     let _ = AttachmentRecord::remove_file(&path);
@@ -127,7 +126,7 @@ pub fn tear_down(
     }
     // A pin can outlive a record written by an older version or lost to a crash.
     if mode == AttachMode::Netlink
-        && let Err(e) = remove_pin(&link_pin)
+        && let Err(e) = remove_if_present(&link_pin)
     {
         first_error.get_or_insert(e);
     }
@@ -170,11 +169,11 @@ pub fn detach_pod(layout: &PinLayout, state: &StateLayout, id: &AttachmentId) ->
             }
         }
     }
-    if let Err(e) = remove_pin(&layout.pod_link_for(id)) {
+    if let Err(e) = remove_if_present(&layout.pod_link_for(id)) {
         first_error.get_or_insert(e);
     }
     if !state.legacy_record(&id.container_id, &id.ifname).exists()
-        && let Err(e) = remove_pin(&layout.legacy_pod_link(&id.container_id, &id.ifname))
+        && let Err(e) = remove_if_present(&layout.legacy_pod_link(&id.container_id, &id.ifname))
     {
         first_error.get_or_insert(e);
     }
@@ -229,7 +228,7 @@ pub fn collect_garbage(
     // Pins without a record (lost to a crash between attach and record).
     let entries = match std::fs::read_dir(layout.links_dir()) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(outcome),
+        Err(e) if is_missing(&e) => return Ok(outcome),
         Err(e) => {
             return Err(Error::io(
                 format!("listing {}", layout.links_dir().display()),
@@ -257,7 +256,7 @@ pub fn collect_garbage(
             false
         };
         if orphan {
-            match remove_pin(&pin) {
+            match remove_if_present(&pin) {
                 Ok(()) => outcome.removed += 1,
                 Err(e) => log::warn!("GC: {e}"),
             }
@@ -301,12 +300,4 @@ pub fn tear_down_all(layout: &PinLayout, state: &StateLayout) -> Vec<(PathBuf, E
         }
     }
     failed
-}
-
-fn remove_pin(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
-    }
 }

@@ -15,7 +15,7 @@ use egress_deny_common::{Counters, EVENTS_RING_BYTES, MAX_ATTACHMENTS, Settings}
 
 use crate::{
     EBPF_OBJECT,
-    error::{Error, Result},
+    error::{Error, Result, is_missing},
     paths::{
         CONFIG_MAP, COUNTERS_MAP, EVENTS_MAP, PinLayout, ProgramKind, RETIRED_MAPS, SETTINGS_MAP,
         V4_TABLE_MAP, V6_TABLE_MAP,
@@ -166,7 +166,7 @@ pub fn load_and_pin(layout: &PinLayout) -> Result<LoadReport> {
             unpin_retired_maps(layout);
             layout.program(kind)
         };
-        let tmp_path = layout.root().join(format!("{}_new", kind.name()));
+        let tmp_path = layout.pinning_program(kind);
         let _ = fs::remove_file(&tmp_path);
         program.pin(&tmp_path).map_err(|e| Error::Pin {
             path: tmp_path.clone(),
@@ -272,7 +272,7 @@ fn unpin_retired_maps(layout: &PinLayout) {
                 "unpinned {}, the rule map of an older version",
                 path.display()
             ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if is_missing(&e) => {}
             Err(e) => log::warn!("unpinning {}: {e}", path.display()),
         }
     }
@@ -342,7 +342,7 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
 pub fn unpin_all(layout: &PinLayout) -> Result<()> {
     match fs::remove_dir_all(layout.root()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
         Err(e) => Err(Error::io(
             format!("removing {}", layout.root().display()),
             e,

@@ -6,8 +6,10 @@
 //! <pinDir>/egress_deny_l3     program for L3 devices (wireguard, ipip, tun)
 //! <pinDir>/egress_deny_staged, egress_deny_l3_staged
 //!                             a new program waiting for its new rule maps to be filled
-//! <pinDir>/v4_rules           LPM trie, IPv4 rules
-//! <pinDir>/v6_rules           LPM trie, IPv6 rules
+//! <pinDir>/egress_deny_new, …  a program being pinned, renamed over its final pin
+//! <pinDir>/v4_table           IPv4 rule table (outer map; the compiled table in slot 0)
+//! <pinDir>/v6_table           IPv6 rule table
+//! <pinDir>/v4_rules, v6_rules LPM tries of older versions, unpinned on upgrade
 //! <pinDir>/counters           per-CPU counters per attachment (ifindex)
 //! <pinDir>/config             datapath settings (deny-event rate)
 //! <pinDir>/egress_deny_exempt  program for veths of pods in excluded namespaces
@@ -54,6 +56,7 @@ pub const PROGRAM_EXEMPT: &str = "egress_deny_exempt";
 const LINKS_DIR: &str = "links";
 const REORDER_LINK_PREFIX: &str = "tmp_";
 const STAGED_SUFFIX: &str = "_staged";
+const PINNING_SUFFIX: &str = "_new";
 const POD_LINK_PREFIX: &str = "pod+";
 const LEGACY_POD_LINK_PREFIX: &str = "pod_";
 const FIELD_SEPARATOR: char = '+';
@@ -112,6 +115,12 @@ impl PinLayout {
     /// replaced a rule map): promoted to [`Self::program`] by rename once they are.
     pub fn staged_program(&self, kind: ProgramKind) -> PathBuf {
         self.root.join(format!("{}{STAGED_SUFFIX}", kind.name()))
+    }
+
+    /// Where a newly loaded program is pinned before it is renamed over its final pin
+    /// ([`Self::program`] or [`Self::staged_program`]): a pin appears whole or not at all.
+    pub fn pinning_program(&self, kind: ProgramKind) -> PathBuf {
+        self.root.join(format!("{}{PINNING_SUFFIX}", kind.name()))
     }
 
     pub fn links_dir(&self) -> PathBuf {

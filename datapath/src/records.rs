@@ -10,7 +10,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Result, is_missing, remove_if_present},
     paths::{AttachmentId, PinLayout, StateLayout},
 };
 
@@ -151,11 +151,7 @@ impl AttachmentRecord {
 
     /// Removes a record file; already gone is fine.
     pub fn remove_file(path: &Path) -> Result<()> {
-        match fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
-        }
+        remove_if_present(path)
     }
 
     /// Every readable record; unreadable ones are logged and skipped.
@@ -163,7 +159,7 @@ impl AttachmentRecord {
         let dir = state.attachments_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if is_missing(&e) => return Ok(Vec::new()),
             Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
         };
         let mut out = Vec::new();

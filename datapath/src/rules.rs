@@ -15,26 +15,14 @@ use egress_deny_common::{TABLE_BLOCK_BYTES, TABLE_MAP_FLAGS, TableHeader};
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result, is_missing, missing_is_not_installed},
     paths::{PinLayout, V4_TABLE_MAP, V6_TABLE_MAP},
     sys,
     table::{self, Entry, Layout, TableKey, TableView},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Action {
-    Deny,
-    Allow,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Deny => "deny",
-            Action::Allow => "allow",
-        }
-    }
-}
+/// A rule's action; defined with the rule model the table compiler reads.
+pub use crate::table::Action;
 
 /// Result of looking an address up the way the datapath does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,16 +72,24 @@ impl RuleTables {
     /// Compiles `rules` (sorted by (addr, len), deduplicated) into a new IPv4 table and
     /// makes it the one in force.
     pub fn replace_v4(&self, rules: &[Entry<u32>]) -> Result<Swap> {
-        replace(&self.v4, V4_TABLE_MAP, rules, Layout::default())
+        self.replace(rules, Layout::default())
     }
 
     pub fn replace_v6(&self, rules: &[Entry<u128>]) -> Result<Swap> {
-        replace(&self.v6, V6_TABLE_MAP, rules, Layout::default())
+        self.replace(rules, Layout::default())
     }
 
     /// As [`Self::replace_v4`] with another layout (benchmarks compare layouts).
     pub fn replace_v4_with(&self, rules: &[Entry<u32>], layout: Layout) -> Result<Swap> {
-        replace(&self.v4, V4_TABLE_MAP, rules, layout)
+        self.replace(rules, layout)
+    }
+
+    fn replace<K: TableKey>(&self, rules: &[Entry<K>], layout: Layout) -> Result<Swap> {
+        if K::FAMILY == 4 {
+            replace(&self.v4, V4_TABLE_MAP, rules, layout)
+        } else {
+            replace(&self.v6, V6_TABLE_MAP, rules, layout)
+        }
     }
 
     /// Decides `addr` with the tables in force (see [`Snapshot::decide`]).
@@ -183,24 +179,19 @@ impl RuleTables {
     }
 
     fn edit(&self, net: IpNet, action: Option<Action>) -> Result<bool> {
-        let net = net.trunc();
-        let snapshot = self.snapshot()?;
-        match net {
-            IpNet::V4(n) => {
-                let mut rules = snapshot.v4_rules()?;
-                let changed = edit(&mut rules, u32::from(n.network()), n.prefix_len(), action);
-                drop(snapshot);
-                self.replace_v4(&rules)?;
-                Ok(changed)
-            }
-            IpNet::V6(n) => {
-                let mut rules = snapshot.v6_rules()?;
-                let changed = edit(&mut rules, u128::from(n.network()), n.prefix_len(), action);
-                drop(snapshot);
-                self.replace_v6(&rules)?;
-                Ok(changed)
-            }
+        match net.trunc() {
+            IpNet::V4(n) => self.edit_family(u32::from(n.network()), n.prefix_len(), action),
+            IpNet::V6(n) => self.edit_family(u128::from(n.network()), n.prefix_len(), action),
         }
+    }
+
+    fn edit_family<K: TableKey>(&self, addr: K, len: u8, action: Option<Action>) -> Result<bool> {
+        let snapshot = self.snapshot()?;
+        let mut rules = snapshot.rules::<K>()?;
+        let changed = edit(&mut rules, addr, len, action);
+        drop(snapshot);
+        self.replace(&rules, Layout::default())?;
+        Ok(changed)
     }
 }
 
@@ -284,7 +275,7 @@ fn table_id(outer: &OwnedFd) -> Result<u32> {
     let mut id = [0u8; 4];
     match sys::map_lookup(outer.as_fd(), &0u32.to_ne_bytes(), &mut id) {
         Ok(()) => Ok(u32::from_ne_bytes(id)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+        Err(e) if is_missing(&e) => Ok(0),
         Err(e) => Err(Error::io("reading the table in force", e)),
     }
 }
@@ -311,7 +302,7 @@ impl MappedTable {
             }
             let fd = match sys::map_fd_by_id(id) {
                 Ok(fd) => fd,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) if is_missing(&e) => continue,
                 Err(e) => return Err(Error::io(format!("opening table map {id}"), e)),
             };
             let info =
@@ -379,26 +370,29 @@ impl Snapshot {
 
     /// Bytes of kernel memory the family's table takes (0 without one).
     pub fn table_bytes(&self, family: u8) -> u64 {
-        let table = if family == 4 { &self.v4 } else { &self.v6 };
-        table.as_ref().map_or(0, |t| t.len as u64)
+        self.table(family).as_ref().map_or(0, |t| t.len as u64)
     }
 
     /// Kernel ID of the family's table (0 without one).
     pub fn table_id(&self, family: u8) -> u32 {
-        let table = if family == 4 { &self.v4 } else { &self.v6 };
-        table.as_ref().map_or(0, |t| t.id)
+        self.table(family).as_ref().map_or(0, |t| t.id)
+    }
+
+    fn table(&self, family: u8) -> &Option<MappedTable> {
+        if family == 4 { &self.v4 } else { &self.v6 }
     }
 
     /// The deciding rules of the IPv4 table (validated whole first).
     pub fn v4_rules(&self) -> Result<Vec<Entry<u32>>> {
-        Ok(full_view::<u32>(&self.v4)?
-            .map(|v| v.rules())
-            .transpose()?
-            .unwrap_or_default())
+        self.rules()
     }
 
     pub fn v6_rules(&self) -> Result<Vec<Entry<u128>>> {
-        Ok(full_view::<u128>(&self.v6)?
+        self.rules()
+    }
+
+    fn rules<K: TableKey>(&self) -> Result<Vec<Entry<K>>> {
+        Ok(full_view::<K>(self.table(K::FAMILY as u8))?
             .map(|v| v.rules())
             .transpose()?
             .unwrap_or_default())
