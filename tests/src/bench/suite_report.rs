@@ -156,7 +156,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.pps_many,
         ebpf_only: false,
-        spread: "As above, cycling through thousands of destinations spread over the address space (some inside the rule list, dropped by every filter; the rest outside it): the lookups walk different parts of the trie or hash, so cache misses show. Filters drop the denied share early and so skip its forwarding work, which the no-filter baseline does not: a ratio slightly above 100% is that, not a faster filter.",
+        spread: "As above, cycling through thousands of destinations spread over the address space (some inside the rule list, dropped by every filter; the rest outside it): the lookups walk different parts of the table, trie or hash, so cache misses show. Filters drop the denied share early and so skip its forwarding work, which the no-filter baseline does not: a ratio slightly above 100% is that, not a faster filter.",
     },
     Metric {
         key: "cpu_per_packet",
@@ -178,7 +178,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.cpu_ns_pkt_many,
         ebpf_only: false,
-        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers. With big tries and sets this is the most fragile number: across quick runs at 1M, whole repetitions came out either at ≈ 0.7–0.8 µs or at ≈ 1.7–2.2 µs of program time per packet (bpf_stats) for both eBPF filters alike, with the filters' ratios moving together; the cause (where the kernel placed the trie nodes, other work's use of the caches) is not separated here. Compare mechanisms within a repetition and read the median.",
+        spread: "As above with thousands of destinations. The no-filter baseline forwards the denied share too, the filters drop it early: that saving is in the filters' numbers. With big tables, tries and sets this is the most fragile number: it depends on how much of the structure other work on the machine (and the previous tests) evicted from the caches, which moves whole repetitions; the spread of the paired ratios at 1M is in its own table above. Compare mechanisms within a repetition and read the median.",
     },
     Metric {
         key: "ns_per_packet",
@@ -200,7 +200,7 @@ const METRICS: [Metric; 13] = [
         decimals: 0,
         get: |s| s.ns_pkt_many,
         ebpf_only: true,
-        spread: "Same accounting with thousands of destinations: the difference to the one-destination row is what cache misses in a big trie cost per packet. Its spread is how much of the trie other work on the machine (and the previous tests) evicted from the caches; a single slow repetition moves the max, not the median.",
+        spread: "Same accounting with thousands of destinations: the difference to the one-destination row is what cache misses in a big table or trie cost per packet. Its spread is how much of the structure other work on the machine (and the previous tests) evicted from the caches; a single slow repetition moves the max, not the median.",
     },
     Metric {
         key: "cpu",
@@ -464,7 +464,7 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
          - **none**: no filter (baseline).\n\
          - **iptables**: N `-d CIDR -j DROP` rules, loaded with one `iptables-restore --noflush` into a\n  chain that FORWARD jumps to (one extra rule per packet; the jump is what switches it on and\n  off, see below).\n\
          - **ipset**: one `hash:net` set loaded with `ipset restore` + one `-m set --match-set … dst -j DROP`\n  rule (Calico's mechanism underneath).\n\
-         - **egress-deny**: the installer's load path (`load_and_pin`, rule inserts into the pinned\n  LPM maps, two threads above 20k rules as the installer does) and the CNI plugin's ADD path\n  (`attach`: TCX on tc ingress of the host-side veth).\n\
+         - **egress-deny**: the installer's load path (`load_and_pin`, then the rules compiled into a\n  table and swapped into the pinned outer map, as the installer does; the set-up phase \"rule\n  inserts\" is that compile + swap) and the CNI plugin's ADD path (`attach`: TCX on tc ingress\n  of the host-side veth).\n\
          - **reference-lpm**: the published benchmark's tc-eBPF design (one plain LPM-trie lookup per\n  packet, IPv4 only, no counters), loaded with aya, inserted from one thread, TCX on the same hook.\n\n\
          Rules: N random global-unicast IPv4 prefixes, ≈89% /32, 10% /24, 1% /16, seed {seed}; the\n\
          one-destination tests' destination ({server}) is outside every list (checked), the set-up test's\n\
@@ -905,12 +905,12 @@ fn limits(suite: &Suite) -> String {
     );
     let _ = writeln!(
         s,
-        "- **egress-deny**: one LPM-trie lookup per packet (its cost grows slowly with the trie's\n  size: ~150–250 ns per verdict at 1M–10M rules in BPF_PROG_TEST_RUN, see\n  tests/BENCHMARKS.md; under this run's real traffic see the bpf_stats ns/packet tables: a\n  hot-cache walk with one destination, several times that with many) plus Ethernet/VLAN/IPv6\n  parsing and per-attachment counters. Set-up:\n  program load and verification, one `bpf()` map update per rule (two threads), and the TCX\n  attach (`BPF_LINK_CREATE` waits for an RCU grace period). In production the program and\n  link already exist and an update is only the map writes.{}",
+        "- **egress-deny**: one lookup in the compiled rule table per packet (a direct-table read\n  and a binary search within one block of ranges: ~75–120 ns per verdict with a hot cache\n  at any size in BPF_PROG_TEST_RUN, ~160 / 380 ns with uniformly random destinations at\n  1M / 10M rules, see tests/BENCHMARKS.md; under this run's real traffic see the bpf_stats\n  ns/packet tables) plus Ethernet/VLAN/IPv6 parsing and per-attachment counters. Set-up:\n  program load and verification, compiling the rules into a table and swapping it in\n  (one map update; ~0.05 s at 1M, ~0.4 s at 10M), and the TCX attach (`BPF_LINK_CREATE`\n  waits for an RCU grace period). In production the program and link already exist and an\n  update is only the compile and the swap.{}",
         lim("egress-deny")
     );
     let _ = writeln!(
         s,
-        "- **reference-lpm**: the same LPM lookup without parsing beyond IPv4 and without counters;\n  set-up is one `bpf()` update per rule from one thread. The anchor for future datapath work.{}",
+        "- **reference-lpm**: the published benchmark's design, one kernel LPM-trie lookup per packet\n  (egress-deny's datapath before its compiled tables), without parsing beyond IPv4 and\n  without counters; its cost grows with the trie's size, above all with many destinations;\n  set-up is one `bpf()` update per rule from one thread. The anchor for datapath work.{}",
         lim("reference-lpm")
     );
     s

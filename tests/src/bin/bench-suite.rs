@@ -538,9 +538,8 @@ impl Applier<'_> {
             }
             "egress-deny" => {
                 // The installer's load path: program and maps loaded and pinned, then
-                // the rules written into the pinned maps (two threads above the
-                // installer's threshold), then the plugin's ADD: TCX on tc ingress of
-                // the pod's host-side veth.
+                // the rules compiled into a table and swapped in, then the plugin's ADD:
+                // TCX on tc ingress of the pod's host-side veth.
                 self.pins_made += 1;
                 let layout = PinLayout::new(format!(
                     "/sys/fs/bpf/{}{}",
