@@ -428,60 +428,36 @@ pub fn render(shared: &Shared) -> String {
         "egress_deny_sync_errors_total {}",
         status.sync_errors_total
     );
-    metric(
-        &mut out,
-        "egress_deny_table_bytes",
-        "gauge",
-        "Kernel memory of the compiled rule table in force, per address family.",
-    );
-    for t in &sync.tables {
-        let _ = writeln!(
-            out,
-            "egress_deny_table_bytes{{family=\"ipv{}\"}} {}",
-            t.family, t.bytes
-        );
-    }
-    metric(
-        &mut out,
-        "egress_deny_table_ranges",
-        "gauge",
-        "Address ranges the rules compiled into, per address family.",
-    );
-    for t in &sync.tables {
-        let _ = writeln!(
-            out,
-            "egress_deny_table_ranges{{family=\"ipv{}\"}} {}",
-            t.family, t.ranges
-        );
-    }
-    metric(
-        &mut out,
-        "egress_deny_table_build_seconds",
-        "gauge",
-        "Time to compile and write the last table swapped in, per address family.",
-    );
-    for t in &sync.tables {
-        if let Some(seconds) = t.build_seconds {
-            let _ = writeln!(
-                out,
-                "egress_deny_table_build_seconds{{family=\"ipv{}\"}} {seconds}",
-                t.family
-            );
-        }
-    }
-    metric(
-        &mut out,
-        "egress_deny_table_swap_seconds",
-        "gauge",
-        "Time of the map update that put the last table in force (includes the kernel's wait for programs still reading the old one), per address family.",
-    );
-    for t in &sync.tables {
-        if let Some(seconds) = t.swap_seconds {
-            let _ = writeln!(
-                out,
-                "egress_deny_table_swap_seconds{{family=\"ipv{}\"}} {seconds}",
-                t.family
-            );
+    // One gauge per table property, one sample per address family.
+    type TableValue = fn(&crate::status::TableStatus) -> Option<f64>;
+    let table_gauges: [(&str, &str, TableValue); 4] = [
+        (
+            "egress_deny_table_bytes",
+            "Kernel memory of the compiled rule table in force, per address family.",
+            |t| Some(t.bytes as f64),
+        ),
+        (
+            "egress_deny_table_ranges",
+            "Address ranges the rules compiled into, per address family.",
+            |t| Some(f64::from(t.ranges)),
+        ),
+        (
+            "egress_deny_table_build_seconds",
+            "Time to compile and write the last table swapped in, per address family.",
+            |t| t.build_seconds,
+        ),
+        (
+            "egress_deny_table_swap_seconds",
+            "Time of the map update that put the last table in force (includes the kernel's wait for programs still reading the old one), per address family.",
+            |t| t.swap_seconds,
+        ),
+    ];
+    for (name, help, value) in table_gauges {
+        metric(&mut out, name, "gauge", help);
+        for t in &sync.tables {
+            if let Some(v) = value(t) {
+                let _ = writeln!(out, "{name}{{family=\"ipv{}\"}} {v}", t.family);
+            }
         }
     }
     metric(

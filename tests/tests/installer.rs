@@ -236,6 +236,27 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
         },
     )
     .inspect_err(|_| eprintln!("{:?}", dirs.cli(None, &status_args)))?;
+    // The tables in force: their size and how long the last build and swap took, in
+    // `status` and /metrics.
+    let status = dirs.cli(None, &status_args)?;
+    assert!(
+        status.contains("IPv4 table: 6 rules as ") && status.contains("MiB of kernel memory"),
+        "{status}"
+    );
+    let (_, metrics) = installer.http("/metrics")?;
+    for gauge in [
+        "egress_deny_table_bytes{family=\"ipv4\"} ",
+        "egress_deny_table_ranges{family=\"ipv6\"} ",
+        "egress_deny_table_build_seconds{family=\"ipv4\"} ",
+        "egress_deny_table_swap_seconds{family=\"ipv6\"} ",
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(gauge))
+            .with_context(|| format!("{gauge} missing:\n{metrics}"))?
+            .parse()?;
+        assert!(value > 0.0, "{gauge}{value}");
+    }
 
     // A bad update is rejected whole, naming file and line; the previous set stays.
     dirs.publish_rules(&[
