@@ -104,6 +104,11 @@ impl InstallerDirs {
     }
 
     /// `status` for this instance's dirs: (exit code, stdout).
+    /// `status` for these dirs: its output (exit codes 2 and 3 are answers, not failures).
+    pub fn status(&self, netns: Option<&Netns>) -> Result<String> {
+        Ok(self.status_code(netns)?.1)
+    }
+
     pub fn status_code(&self, netns: Option<&Netns>) -> Result<(i32, String)> {
         let out = installer_command(netns)
             .arg("status")

@@ -304,14 +304,7 @@ fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
     eprintln!("daemon peak RSS after the rejected bomb: {peak} MiB");
     assert!(peak < 200, "peak RSS {peak} MiB");
     assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
-    let status = dirs.cli(
-        Some(&node.node),
-        &[
-            "status",
-            &format!("--pin-dir={}", dirs.pin_dir.display()),
-            &format!("--state-dir={}", dirs.state_dir().display()),
-        ],
-    )?;
+    let status = dirs.status(Some(&node.node))?;
     assert!(status.contains("--max-rules-bytes"), "{status}");
     Ok(())
 }
@@ -573,14 +566,7 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
             .is_ok_and(|(_, m)| m.contains("egress_deny_host_interfaces_unfiltered 1"))
     })?;
     assert!(!dirs.layout().host_link("ib0").exists(), "attached anyway");
-    let status = dirs.cli(
-        Some(&ns),
-        &[
-            "status",
-            &format!("--pin-dir={}", dirs.pin_dir.display()),
-            &format!("--state-dir={}", dirs.state_dir().display()),
-        ],
-    )?;
+    let status = dirs.status(Some(&ns))?;
     assert!(
         status.contains("host interface ib0: NOT filtered") && status.contains("link type 32"),
         "{status}"
@@ -726,14 +712,7 @@ fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()
         !dirs.layout().host_link("up1").exists(),
         "TCX used, not cls_bpf"
     );
-    let status = dirs.cli(
-        Some(&ns),
-        &[
-            "status",
-            &format!("--pin-dir={}", dirs.pin_dir.display()),
-            &format!("--state-dir={}", dirs.state_dir().display()),
-        ],
-    )?;
+    let status = dirs.status(Some(&ns))?;
     assert!(status.contains("host up1"), "{status}");
 
     // Someone deletes the clsact qdisc (and with it our filter): restored on the tick.

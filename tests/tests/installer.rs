@@ -223,22 +223,19 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
         "protected-address warning missing"
     );
 
-    let mut status_args = vec!["status".to_owned()];
-    status_args.extend(dirs.state_args());
-    let status_args: Vec<&str> = status_args.iter().map(String::as_str).collect();
     // The status file is written right after the maps: poll it too.
     wait_until(
         "status to show the new rules",
         Duration::from_secs(10),
         || {
-            dirs.cli(None, &status_args)
+            dirs.status(None)
                 .is_ok_and(|s| s.contains("rules: IPv4 3 deny, 3 allow; IPv6 1 deny, 0 allow"))
         },
     )
-    .inspect_err(|_| eprintln!("{:?}", dirs.cli(None, &status_args)))?;
+    .inspect_err(|_| eprintln!("{:?}", dirs.status(None)))?;
     // The tables in force: their size and how long the last build and swap took, in
     // `status` and /metrics.
-    let status = dirs.cli(None, &status_args)?;
+    let status = dirs.status(None)?;
     assert!(
         status.contains("IPv4 table: 6 rules as ") && status.contains("MiB of kernel memory"),
         "{status}"
@@ -273,7 +270,7 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
         expect,
         "rejected update changed the enforced set"
     );
-    let status = dirs.cli(None, &status_args)?;
+    let status = dirs.status(None)?;
     assert!(
         status.contains("FAILED") && status.contains("threats:3: 10.1.2.3/8 has host bits set"),
         "{status}"
