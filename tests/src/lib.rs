@@ -253,3 +253,30 @@ impl Drop for MemoryCgroup {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Runs `cmd` with `input` on its stdin (written from a thread, so a child that answers
+/// before it has read everything cannot deadlock us) and returns its stdout; a non-zero
+/// exit is an error with its stderr.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<Vec<u8>> {
+    use std::{io::Write, process::Stdio};
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output()?;
+    writer.join().expect("stdin writer")?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+/// `base64 -d` of `text`.
+pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    run_with_input(Command::new("base64").arg("-d"), text.as_bytes())
+}

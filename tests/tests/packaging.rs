@@ -41,20 +41,7 @@ fn run(cmd: &mut Command) -> Result<String> {
 }
 
 fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<String> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("{cmd:?}"))?;
-    child.stdin.take().context("stdin")?.write_all(input)?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&egress_deny_tests::run_with_input(cmd, input)?).into_owned())
 }
 
 /// YAML → JSON through the venv's PyYAML (a checkov dependency): one value per document.
@@ -110,26 +97,10 @@ fn configmap_files(cm: &Value) -> Result<Vec<(String, Vec<u8>)>> {
             .context("binaryData")?
             .split_whitespace()
             .collect();
-        let bytes = base64_decode(&text)?;
+        let bytes = egress_deny_tests::base64_decode(&text)?;
         files.push((key.clone(), bytes));
     }
     Ok(files)
-}
-
-fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut child = Command::new("base64")
-        .arg("-d")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "base64 -d failed");
-    Ok(out.stdout)
 }
 
 /// The env of a container as the kubelet builds it: `envFrom` ConfigMaps, then `env`.

@@ -6,17 +6,17 @@ use std::{
     collections::BTreeSet,
     io::Write,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
 use egress_deny_tests::{
-    binary,
+    base64_decode, binary,
     cni::{CniNode, DENIED},
     installer::{Installer, InstallerDirs},
     probe::ping,
-    require_root, wait_until,
+    require_root, run_with_input, wait_until,
 };
 use serde_json::Value;
 
@@ -45,34 +45,12 @@ fn gzip(text: &[u8]) -> Vec<u8> {
 /// YAML → JSON with the venv's PyYAML (tests/setup.sh installs it with checkov).
 fn yaml_docs(text: &str) -> Result<Vec<Value>> {
     let script = "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))";
-    let mut child = Command::new(VENV_PYTHON)
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("the packaging venv (tests/setup.sh)")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let text = text.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
-    let out = child.wait_with_output()?;
-    writer.join().expect("writer")?;
-    ensure!(out.status.success(), "PyYAML failed to read the YAML");
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut child = Command::new("base64")
-        .arg("-d")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let text = text.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
-    let out = child.wait_with_output()?;
-    writer.join().expect("writer")?;
-    ensure!(out.status.success(), "base64 -d");
-    Ok(out.stdout)
+    let out = run_with_input(
+        Command::new(VENV_PYTHON).args(["-c", script]),
+        text.as_bytes(),
+    )
+    .context("PyYAML in the packaging venv (tests/setup.sh) failed to read the YAML")?;
+    Ok(serde_json::from_slice(&out)?)
 }
 
 /// `rules check --json`'s per-family counts.
