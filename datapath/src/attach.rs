@@ -19,6 +19,7 @@ use aya::programs::{
     SchedClassifier, TcAttachType,
     tc::{SchedClassifierLink, TcHandle},
 };
+use aya_obj::generated::bpf_attach_type;
 
 use crate::{
     error::{Error, Result, is_missing, missing_is_not_installed, remove_if_present},
@@ -268,14 +269,7 @@ pub fn detach(ifname: Option<&str>, hook: Hook, link_pin: &Path, mode: AttachMod
 }
 
 /// State of a pinned TCX link as the kernel reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkState {
-    pub id: u32,
-    pub prog_id: u32,
-    /// 0 once the interface is gone (the link is then defunct).
-    pub ifindex: u32,
-    pub attach_type: u32,
-}
+pub type LinkState = sys::LinkInfo;
 
 /// Reads a pinned TCX link; `None` when there is no pin.
 pub fn pinned_link_state(path: &Path) -> Result<Option<LinkState>> {
@@ -287,28 +281,15 @@ pub fn pinned_link_state(path: &Path) -> Result<Option<LinkState>> {
     link_info(fd.as_fd()).map(Some)
 }
 
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
-
 pub fn tcx_attach_type(hook: Hook) -> u32 {
     match hook {
-        Hook::Ingress => BPF_TCX_INGRESS,
-        Hook::Egress => BPF_TCX_EGRESS,
+        Hook::Ingress => bpf_attach_type::BPF_TCX_INGRESS as u32,
+        Hook::Egress => bpf_attach_type::BPF_TCX_EGRESS as u32,
     }
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD on a link. aya's LinkInfo does not expose the TCX ifindex
-/// (needed to tell a live link from one whose interface vanished).
 fn link_info(fd: BorrowedFd<'_>) -> Result<LinkState> {
-    // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose tcx
-    // member is { ifindex, attach_type }.
-    let info = sys::obj_info(fd).map_err(|e| Error::io("reading link info", e))?;
-    Ok(LinkState {
-        id: info[1],
-        prog_id: info[2],
-        ifindex: info[4],
-        attach_type: info[5],
-    })
+    sys::link_info(fd).map_err(|e| Error::io("reading link info", e))
 }
 
 fn is_errno<E: std::error::Error + 'static>(err: &E, errno: i32) -> bool {

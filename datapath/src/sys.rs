@@ -2,6 +2,9 @@
 //! through aya runs its feature detection, which loads and verifies probe programs and
 //! creates probe maps: work the CNI plugin must not do per pod (it only attaches what
 //! the installer pinned), and time it should not spend on every ADD.
+//!
+//! Requests and replies use the kernel's own struct layouts as aya-obj generates them
+//! from the UAPI headers, so no offset here is written by hand.
 use std::{
     ffi::CString,
     io,
@@ -9,35 +12,27 @@ use std::{
     path::Path,
 };
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_MAP_FREEZE: libc::c_long = 22;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-/// TCX ordering: before `relative_fd`, which 0 makes "before everything".
-const BPF_F_BEFORE: u32 = 1 << 3;
+use aya_obj::generated::{
+    BPF_F_BEFORE, bpf_attr, bpf_cmd, bpf_link_info, bpf_map_info, bpf_map_type, bpf_prog_info,
+};
 
-/// `union bpf_attr` as 128 zeroed bytes; each command reads its own leading fields and
-/// the kernel requires anything past what it knows to be zero.
-type Attr = [u64; 16];
+/// A zeroed kernel struct: the kernel requires every field a command does not use, and
+/// anything past what it knows, to be zero.
+fn zeroed<T: Copy>() -> T {
+    // SAFETY: only used for the plain-data UAPI structs and unions below, for which
+    // all-zero bytes is a valid (and the expected default) value.
+    unsafe { std::mem::zeroed() }
+}
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
     // SAFETY: attr is a valid, writable, correctly sized bpf_attr for the duration of
     // the call; the pointers stored in it are kept alive by the callers.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as u32,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as u32,
         )
     };
     if ret < 0 {
@@ -52,52 +47,63 @@ fn fd_from(ret: i64) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(ret as i32) }
 }
 
+fn raw(fd: BorrowedFd<'_>) -> u32 {
+    fd.as_raw_fd() as u32
+}
+
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Sets the u32 at byte offset `4 * index` of the attr (native byte order, like the
-/// kernel's struct layout).
-fn set_u32(attr: &mut Attr, index: usize, value: u32) {
-    let word = &mut attr[index / 2];
-    let mut bytes = word.to_ne_bytes();
-    let at = (index % 2) * 4;
-    bytes[at..at + 4].copy_from_slice(&value.to_ne_bytes());
-    *word = u64::from_ne_bytes(bytes);
+/// A kernel object name (`char[16]`, NUL-terminated) as a string.
+fn c_name(name: &[core::ffi::c_char; 16]) -> String {
+    let bytes: Vec<u8> = name.iter().map(|c| *c as u8).collect();
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// A name for the kernel: at most 15 bytes, NUL-terminated.
+fn to_c_name(name: &str) -> [core::ffi::c_char; 16] {
+    let mut out = [0; 16];
+    for (slot, byte) in out.iter_mut().zip(name.bytes().take(15)) {
+        *slot = byte as core::ffi::c_char;
+    }
+    out
 }
 
 /// BPF_OBJ_GET: an fd for a pinned object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let cpath = c_path(path)?;
-    let mut attr: Attr = [0; 16];
-    attr[0] = cpath.as_ptr() as u64; // pathname
-    bpf(BPF_OBJ_GET, &mut attr).map(fd_from)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_4.pathname = cpath.as_ptr() as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET, &mut attr).map(fd_from)
 }
 
 /// BPF_OBJ_PIN: pins `fd` at `path` (which must not exist).
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let cpath = c_path(path)?;
-    let mut attr: Attr = [0; 16];
-    attr[0] = cpath.as_ptr() as u64; // pathname
-    set_u32(&mut attr, 2, fd.as_raw_fd() as u32); // bpf_fd
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_4.pathname = cpath.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = raw(fd);
+    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
-/// BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer of u32 words (program, map or link info).
-pub fn obj_info(fd: BorrowedFd<'_>) -> io::Result<[u32; 64]> {
-    let mut info = [0u32; 64];
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, fd.as_raw_fd() as u32); // bpf_fd
-    set_u32(&mut attr, 1, std::mem::size_of_val(&info) as u32); // info_len
-    attr[1] = info.as_mut_ptr() as u64; // info
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+/// BPF_OBJ_GET_INFO_BY_FD into `T` (`bpf_prog_info`, `bpf_map_info` or `bpf_link_info`;
+/// the kernel fills what it knows of the size it is given).
+fn obj_info<T: Copy>(fd: BorrowedFd<'_>) -> io::Result<T> {
+    let mut info: T = zeroed();
+    let mut attr: bpf_attr = zeroed();
+    attr.info.bpf_fd = raw(fd);
+    attr.info.info_len = std::mem::size_of::<T>() as u32;
+    attr.info.info = (&mut info as *mut T) as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
 }
 
-/// The kernel ID of a program (`struct bpf_prog_info`: type, id, …).
+/// The kernel ID of a program.
 pub fn prog_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(obj_info(fd)?[1])
+    Ok(obj_info::<bpf_prog_info>(fd)?.id)
 }
 
 /// BPF_LINK_CREATE for TCX: attaches `prog` to `ifindex` ahead of any other program.
@@ -107,20 +113,47 @@ pub fn tcx_link_create(
     ifindex: u32,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, prog.as_raw_fd() as u32); // prog_fd
-    set_u32(&mut attr, 1, ifindex); // target_ifindex
-    set_u32(&mut attr, 2, attach_type); // attach_type
-    set_u32(&mut attr, 3, BPF_F_BEFORE); // flags; tcx.relative_fd (word 4) = 0
-    bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
+    let mut attr: bpf_attr = zeroed();
+    attr.link_create.__bindgen_anon_1.prog_fd = raw(prog);
+    attr.link_create.__bindgen_anon_2.target_ifindex = ifindex;
+    attr.link_create.attach_type = attach_type;
+    // Before everything: BPF_F_BEFORE with no relative fd or id.
+    attr.link_create.flags = BPF_F_BEFORE;
+    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).map(fd_from)
 }
 
 /// BPF_LINK_UPDATE: the link runs `prog` from now on (atomic for packets).
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, link.as_raw_fd() as u32); // link_fd
-    set_u32(&mut attr, 1, prog.as_raw_fd() as u32); // new_prog_fd
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    let mut attr: bpf_attr = zeroed();
+    attr.link_update.link_fd = raw(link);
+    attr.link_update.__bindgen_anon_1.new_prog_fd = raw(prog);
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// State of a link as the kernel reports it (TCX links: the interface and hook).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// 0 once the interface is gone (the link is then defunct).
+    pub ifindex: u32,
+    pub attach_type: u32,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a TCX link. aya's LinkInfo does not expose the TCX ifindex
+/// (needed to tell a live link from one whose interface vanished).
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let info: bpf_link_info = obj_info(fd)?;
+    // SAFETY: reading the tcx member of a zero-initialised union the kernel filled:
+    // for a TCX link it is the member the kernel wrote, for any other every bit
+    // pattern is still a valid pair of u32s.
+    let tcx = unsafe { info.__bindgen_anon_1.tcx };
+    Ok(LinkInfo {
+        id: info.id,
+        prog_id: info.prog_id,
+        ifindex: tcx.ifindex,
+        attach_type: tcx.attach_type,
+    })
 }
 
 /// The programs attached to one TCX hook, in the order they run.
@@ -137,16 +170,15 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<TcxChain> {
     const MAX: usize = 64;
     let mut prog_ids = [0u32; MAX];
     let mut link_ids = [0u32; MAX];
-    let mut attr: Attr = [0; 16];
-    // struct { target_ifindex, attach_type, query_flags, attach_flags; u64 prog_ids;
-    // u32 count, pad; u64 prog_attach_flags; u64 link_ids; u64 link_attach_flags; ... }
-    set_u32(&mut attr, 0, ifindex);
-    set_u32(&mut attr, 1, attach_type);
-    attr[2] = prog_ids.as_mut_ptr() as u64;
-    set_u32(&mut attr, 6, MAX as u32);
-    attr[5] = link_ids.as_mut_ptr() as u64;
-    bpf(BPF_PROG_QUERY, &mut attr)?;
-    let count = (attr[3] as u32).min(MAX as u32) as usize;
+    let mut attr: bpf_attr = zeroed();
+    attr.query.__bindgen_anon_1.target_ifindex = ifindex;
+    attr.query.attach_type = attach_type;
+    attr.query.prog_ids = prog_ids.as_mut_ptr() as u64;
+    attr.query.__bindgen_anon_2.count = MAX as u32;
+    attr.query.link_ids = link_ids.as_mut_ptr() as u64;
+    bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr)?;
+    // SAFETY: the kernel wrote the count back into the field we set.
+    let count = unsafe { attr.query.__bindgen_anon_2.count }.min(MAX as u32) as usize;
     Ok(TcxChain {
         prog_ids: prog_ids[..count].to_vec(),
         link_ids: link_ids[..count].to_vec(),
@@ -156,14 +188,11 @@ pub fn tcx_query(ifindex: u32, attach_type: u32) -> io::Result<TcxChain> {
 /// The name a program was loaded with (`bpf_prog_info.name`: at most 15 bytes, so
 /// longer function names are cut), found by its kernel ID.
 pub fn prog_name_by_id(id: u32) -> io::Result<String> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, id); // prog_id
-    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)?;
-    let info = obj_info(fd.as_fd())?;
-    // struct bpf_prog_info: name[16] at byte 64 (u32 words 16..20).
-    let bytes: Vec<u8> = info[16..20].iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_6.__bindgen_anon_1.prog_id = id;
+    let fd = bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)?;
+    let info: bpf_prog_info = obj_info(fd.as_fd())?;
+    Ok(c_name(&info.name))
 }
 
 /// BPF_MAP_CREATE of an array map with u32 keys.
@@ -173,57 +202,47 @@ pub fn array_map_create(
     max_entries: u32,
     flags: u32,
 ) -> io::Result<OwnedFd> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, BPF_MAP_TYPE_ARRAY); // map_type
-    set_u32(&mut attr, 1, 4); // key_size
-    set_u32(&mut attr, 2, value_size);
-    set_u32(&mut attr, 3, max_entries);
-    set_u32(&mut attr, 4, flags); // map_flags; inner_map_fd, numa_node = 0
-    // map_name: 16 bytes at byte 28 (u32 words 7..11), NUL-terminated.
-    let mut map_name = [0u8; 16];
-    let len = name.len().min(15);
-    map_name[..len].copy_from_slice(&name.as_bytes()[..len]);
-    for (i, chunk) in map_name.chunks(4).enumerate() {
-        set_u32(
-            &mut attr,
-            7 + i,
-            u32::from_ne_bytes(chunk.try_into().expect("4 bytes")),
-        );
-    }
-    bpf(BPF_MAP_CREATE, &mut attr).map(fd_from)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_1.map_type = bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
+    attr.__bindgen_anon_1.key_size = 4;
+    attr.__bindgen_anon_1.value_size = value_size;
+    attr.__bindgen_anon_1.max_entries = max_entries;
+    attr.__bindgen_anon_1.map_flags = flags;
+    attr.__bindgen_anon_1.map_name = to_c_name(name);
+    bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr).map(fd_from)
 }
 
 /// BPF_MAP_UPDATE_ELEM with `flags` (BPF_ANY = 0).
 pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
-    attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_ptr() as u64;
-    attr[3] = flags;
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_2.map_fd = raw(map);
+    attr.__bindgen_anon_2.key = key.as_ptr() as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_ptr() as u64;
+    attr.__bindgen_anon_2.flags = flags;
+    bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// BPF_MAP_LOOKUP_ELEM into `value` (which must be the map's value size).
 pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<()> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
-    attr[1] = key.as_ptr() as u64;
-    attr[2] = value.as_mut_ptr() as u64;
-    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_2.map_fd = raw(map);
+    attr.__bindgen_anon_2.key = key.as_ptr() as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+    bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
 }
 
 /// BPF_MAP_GET_FD_BY_ID.
 pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, id); // map_id
-    bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).map(fd_from)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_6.__bindgen_anon_1.map_id = id;
+    bpf(bpf_cmd::BPF_MAP_GET_FD_BY_ID, &mut attr).map(fd_from)
 }
 
 /// BPF_MAP_FREEZE: no more writes from userspace (programs only read our tables).
 pub fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr: Attr = [0; 16];
-    set_u32(&mut attr, 0, map.as_raw_fd() as u32); // map_fd
-    bpf(BPF_MAP_FREEZE, &mut attr).map(drop)
+    let mut attr: bpf_attr = zeroed();
+    attr.__bindgen_anon_2.map_fd = raw(map);
+    bpf(bpf_cmd::BPF_MAP_FREEZE, &mut attr).map(drop)
 }
 
 /// The leading fields of `struct bpf_map_info`.
@@ -238,13 +257,59 @@ pub struct MapInfo {
 }
 
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
-    let info = obj_info(map)?;
+    let info: bpf_map_info = obj_info(map)?;
     Ok(MapInfo {
-        map_type: info[0],
-        id: info[1],
-        key_size: info[2],
-        value_size: info[3],
-        max_entries: info[4],
-        flags: info[5],
+        map_type: info.type_,
+        id: info.id,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+        flags: info.map_flags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::offset_of;
+
+    use aya_obj::generated::{
+        bpf_attr__bindgen_ty_10, bpf_attr__bindgen_ty_14,
+        bpf_link_info__bindgen_ty_1__bindgen_ty_12,
+    };
+
+    use super::*;
+
+    #[test]
+    fn names_are_cut_to_fifteen_bytes_and_nul_terminated() {
+        let name = to_c_name("v4_table_next_generation");
+        assert_eq!(name[15], 0);
+        assert_eq!(c_name(&name), "v4_table_next_g");
+        assert_eq!(c_name(&to_c_name("v6_table")), "v6_table");
+        assert_eq!(c_name(&to_c_name("")), "");
+    }
+
+    #[test]
+    fn a_name_without_a_nul_is_read_whole() {
+        let full = [b'x' as core::ffi::c_char; 16];
+        assert_eq!(c_name(&full), "x".repeat(16));
+    }
+
+    /// The offsets the kernel's `union bpf_attr` and `struct bpf_link_info` have had since
+    /// TCX (6.6): a binding regenerated against other headers must keep them.
+    #[test]
+    fn request_layouts_match_the_kernel_abi() {
+        assert!(std::mem::size_of::<bpf_attr>() >= 128);
+        assert_eq!(offset_of!(bpf_attr__bindgen_ty_14, attach_type), 8);
+        assert_eq!(offset_of!(bpf_attr__bindgen_ty_14, flags), 12);
+        assert_eq!(offset_of!(bpf_attr__bindgen_ty_10, prog_ids), 16);
+        assert_eq!(offset_of!(bpf_attr__bindgen_ty_10, __bindgen_anon_2), 24);
+        assert_eq!(offset_of!(bpf_attr__bindgen_ty_10, link_ids), 40);
+        assert_eq!(offset_of!(bpf_link_info, __bindgen_anon_1), 16);
+        assert_eq!(
+            offset_of!(bpf_link_info__bindgen_ty_1__bindgen_ty_12, attach_type),
+            4
+        );
+        assert_eq!(offset_of!(bpf_prog_info, name), 64);
+        assert_eq!(offset_of!(bpf_map_info, map_flags), 20);
+    }
 }
