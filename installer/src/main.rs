@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod conflist;
 mod daemon;
+mod http;
 mod logging;
 mod metrics;
 mod node;

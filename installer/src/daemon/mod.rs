@@ -6,22 +6,22 @@
 //! job has its own file. Threads: the main one syncs rules (`rules_sync`, seconds for
 //! millions of rules); `node` keeps the conflist entry, host interfaces and pod repairs
 //! (`node_loop`, `host`); `inotify` and `netlink` feed both (`watch`); `http` serves
-//! the endpoints (`crate::metrics`); `deny-events` logs drops (`deny_events`);
+//! the endpoints (`crate::http`, `crate::metrics`); `deny-events` logs drops (`deny_events`);
 //! `signals` stops everything (`signals`).
 mod deny_events;
 mod host;
 mod lock;
 mod node_loop;
 mod rules_sync;
+pub mod shared;
 mod signals;
 mod upgrade;
 mod watch;
 
 use std::{
-    path::PathBuf,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
         mpsc::{self, RecvTimeoutError},
     },
     thread,
@@ -35,8 +35,8 @@ use egress_deny_datapath::{
     paths::{PinLayout, StateLayout},
 };
 
-pub use self::host::detach_host;
-use crate::{commands::run::RunArgs, metrics, node, status::DaemonStatus};
+pub use self::{host::detach_host, shared::Shared};
+use crate::{commands::run::RunArgs, http, metrics, node, status::DaemonStatus};
 
 /// Quiet time after the last change before a rules sync: kubelet's update (new data
 /// dir, `..data` swap, new and removed key symlinks) is a burst of a few operations
@@ -53,30 +53,13 @@ enum Event {
     Stop,
 }
 
-/// State the HTTP endpoints read.
-pub struct Shared {
-    pub layout: PinLayout,
-    pub state: StateLayout,
-    pub conf_dir: PathBuf,
-    pub status: Mutex<DaemonStatus>,
-    pub synced_once: AtomicBool,
-    /// This version's program waits for its (replaced) rule maps to be filled; until
-    /// then every attachment keeps the previous program and the rules it enforces.
-    pub staged: AtomicBool,
-    /// Attachments found behind another program or on an old one, and repaired.
-    pub repairs: AtomicU64,
-    /// Why this daemon is not running yet (starting up, waiting for another daemon to
-    /// release the node lock), for /readyz; `None` once its datapath is loaded.
-    pub not_started: Mutex<Option<String>>,
-}
-
 pub fn run(args: &RunArgs) -> Result<()> {
     let layout = PinLayout::new(&args.state.pin_dir);
     let state = StateLayout::new(&args.state.state_dir);
     std::fs::create_dir_all(state.attachments_dir())
         .with_context(|| format!("creating {}", state.attachments_dir().display()))?;
-    // Set by SIGTERM: long parses, walks and map updates stop between two operations
-    // (every intermediate state of an update is safe to leave behind, see `plan`).
+    // Set by SIGTERM: long parses, walks and table builds stop between two steps (a
+    // table is swapped in whole or not at all).
     let cancel = Arc::new(AtomicBool::new(false));
     let (rules_tx, rules_rx) = mpsc::channel();
     signals::stop_on_signals(rules_tx.clone(), Arc::clone(&cancel))?;
@@ -84,17 +67,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Served from the start: a daemon waiting for the node lock answers /healthz (alive)
     // and /readyz (not ready, and why). Binds (and retries binding) on its own thread: a
     // taken port must not keep the rules from being synced.
-    let shared = Arc::new(Shared {
-        layout: layout.clone(),
-        state: state.clone(),
-        conf_dir: args.cni.cni_conf_dir.clone(),
-        status: Mutex::new(DaemonStatus::default()),
-        synced_once: AtomicBool::new(false),
-        staged: AtomicBool::new(false),
-        repairs: AtomicU64::new(0),
-        not_started: Mutex::new(Some("starting".into())),
-    });
-    if let Err(e) = metrics::serve(args.listen, Arc::clone(&shared)) {
+    let shared = Arc::new(Shared::new(
+        layout.clone(),
+        state.clone(),
+        args.cni.cni_conf_dir.clone(),
+    ));
+    let registry = metrics::registry(Arc::clone(&shared));
+    if let Err(e) = http::serve(args.listen, Arc::clone(&shared), registry) {
         log::error!("starting the HTTP listener on {}: {e:#}", args.listen);
     }
     // One daemon per node: held until this process exits (the kernel drops it then,
