@@ -10,7 +10,7 @@
 //! Both open the pinned program with plain bpf(2) calls ([`crate::sys`]), not aya: the
 //! CNI plugin runs this per pod and must not load (probe) programs or create maps.
 use std::{
-    fs, io,
+    fmt, fs, io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
 };
@@ -20,6 +20,7 @@ use aya::programs::{
     tc::{SchedClassifierLink, TcHandle},
 };
 use aya_obj::generated::bpf_attach_type;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result, is_missing, missing_is_not_installed, remove_if_present},
@@ -95,6 +96,33 @@ impl AttachMode {
         } else {
             AttachMode::Netlink
         }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// In records as `"tcx"` / `"netlink"`, the strings earlier versions wrote.
+impl Serialize for AttachMode {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for AttachMode {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let mode = String::deserialize(deserializer)?;
+        // A mode this version does not know is handled as TCX (a pinned link), as
+        // before the field was typed: the record stays readable and its pod cleanable.
+        Ok(Self::parse(&mode).unwrap_or(AttachMode::Tcx))
     }
 }
 

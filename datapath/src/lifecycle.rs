@@ -118,7 +118,7 @@ pub fn tear_down(
     counters: &mut Option<CounterMap>,
 ) -> Result<()> {
     let mut first_error = None;
-    let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
+    let mode = record.mode;
     let link_pin = record.link_pin_path(layout);
     let host_ifname = recorded_host_ifname(record);
     if let Err(e) = attach::detach(host_ifname, Hook::Ingress, &link_pin, mode) {

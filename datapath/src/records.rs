@@ -10,6 +10,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    attach::AttachMode,
     error::{Error, Result, is_missing, remove_if_present},
     paths::{AttachmentId, PinLayout, StateLayout},
 };
@@ -32,8 +33,7 @@ pub struct AttachmentRecord {
     /// The pod's host-side veth, where the program is attached (tc ingress).
     pub host_ifname: String,
     pub host_ifindex: u32,
-    /// "tcx" or "netlink".
-    pub mode: String,
+    pub mode: AttachMode,
     /// Pinned TCX link (empty in netlink mode).
     #[serde(default)]
     pub link_pin: String,
@@ -65,7 +65,7 @@ impl AttachmentRecord {
         attachment: &crate::attach::Attachment,
         link_pin: &Path,
     ) -> Self {
-        let tcx = attachment.mode == crate::attach::AttachMode::Tcx;
+        let tcx = attachment.mode == AttachMode::Tcx;
         Self {
             network: Some(pod.network),
             container_id: pod.container_id,
@@ -75,7 +75,7 @@ impl AttachmentRecord {
             pod_name: pod.pod_name,
             host_ifname: host.ifname.clone(),
             host_ifindex: host.ifindex,
-            mode: attachment.mode.as_str().to_owned(),
+            mode: attachment.mode,
             link_pin: if tcx {
                 link_pin.display().to_string()
             } else {
@@ -232,8 +232,7 @@ pub fn write_atomically_like(
 pub struct HostRecord {
     pub ifname: String,
     pub ifindex: u32,
-    /// "tcx" or "netlink".
-    pub mode: String,
+    pub mode: AttachMode,
 }
 
 impl HostRecord {
@@ -256,5 +255,37 @@ impl HostRecord {
                 Some((e.path(), record))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_record(mode: &str) -> serde_json::Result<HostRecord> {
+        serde_json::from_str(&format!(
+            r#"{{"ifname": "eth0", "ifindex": 2, "mode": "{mode}"}}"#
+        ))
+    }
+
+    #[test]
+    fn the_attach_mode_is_read_as_earlier_versions_wrote_it() {
+        assert_eq!(host_record("tcx").unwrap().mode, AttachMode::Tcx);
+        assert_eq!(host_record("netlink").unwrap().mode, AttachMode::Netlink);
+        assert_eq!(host_record("cls_bpf").unwrap().mode, AttachMode::Netlink);
+        // Unknown (a later version's): still a readable record, handled as a pinned link.
+        assert_eq!(host_record("future").unwrap().mode, AttachMode::Tcx);
+    }
+
+    #[test]
+    fn the_attach_mode_is_written_as_a_string() {
+        let record = HostRecord {
+            ifname: "eth0".into(),
+            ifindex: 2,
+            mode: AttachMode::Netlink,
+        };
+        let json: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["mode"], "netlink");
+        assert_eq!(serde_json::from_value::<HostRecord>(json).unwrap(), record);
     }
 }

@@ -42,6 +42,19 @@ pub struct LiveAttachment {
     pub container_id: Option<String>,
 }
 
+/// The one text of an attachment, for people (`status`, `lookup`, the deny-event log):
+/// `pod NAMESPACE/NAME (IFNAME)`, `container ID (IFNAME)` for a pod without Kubernetes
+/// names, `host IFNAME`.
+impl fmt::Display for LiveAttachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.pod_namespace, &self.pod_name, &self.container_id) {
+            (Some(ns), Some(pod), _) => write!(f, "pod {ns}/{pod} ({})", self.ifname),
+            (_, _, Some(container)) => write!(f, "container {container} ({})", self.ifname),
+            _ => write!(f, "{} {}", self.kind, self.ifname),
+        }
+    }
+}
+
 impl LiveAttachment {
     fn host(ifname: String, ifindex: u32) -> Self {
         Self {
@@ -91,4 +104,28 @@ pub fn attachments(layout: &PinLayout, state: &StateLayout) -> Vec<LiveAttachmen
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attachment_reads_the_same_everywhere() {
+        let mut pod = LiveAttachment {
+            kind: AttachmentKind::Pod,
+            ifname: "veth1a2b".into(),
+            ifindex: 7,
+            pod_namespace: Some("shop".into()),
+            pod_name: Some("cart-0".into()),
+            container_id: Some("c0ffee".into()),
+        };
+        assert_eq!(pod.to_string(), "pod shop/cart-0 (veth1a2b)");
+        pod.pod_namespace = None;
+        assert_eq!(pod.to_string(), "container c0ffee (veth1a2b)");
+        assert_eq!(
+            LiveAttachment::host("eth0".into(), 2).to_string(),
+            "host eth0"
+        );
+    }
 }

@@ -71,11 +71,10 @@ fn netlink_attachments(
     repairs: &AtomicU64,
     trigger: Trigger,
 ) {
-    let netlink = AttachMode::Netlink.as_str();
     let pods = AttachmentRecord::list(state)
         .unwrap_or_default()
         .into_iter()
-        .filter(|(_, r)| r.mode == netlink)
+        .filter(|(_, r)| r.mode == AttachMode::Netlink)
         .filter_map(|(_, r)| {
             // Only while the name still has the recorded ifindex (names are reused).
             let ifname = lifecycle::recorded_host_ifname(&r)?.to_owned();
@@ -83,7 +82,7 @@ fn netlink_attachments(
         });
     let hosts = HostRecord::list(state)
         .into_iter()
-        .filter(|(_, r)| r.mode == netlink)
+        .filter(|(_, r)| r.mode == AttachMode::Netlink)
         .filter(|(_, r)| {
             egress_deny_datapath::iface::ifindex(&r.ifname).is_ok_and(|i| i == r.ifindex)
         })

@@ -39,7 +39,7 @@ pub fn run(inv: &Invocation) -> Output {
     let (_, expected) = attach::pinned_program_fd(&layout, kind)
         .map_err(|e| PluginError::datapath("pinned program", e))?;
 
-    match AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx) {
+    match record.mode {
         AttachMode::Tcx => {
             let link_pin = record.link_pin_path(&layout);
             let state = attach::pinned_link_state(&link_pin)

@@ -192,7 +192,10 @@ fn check_fails_once_the_program_was_detached_by_hand() -> Result<()> {
     let pod = node.pod()?;
     pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
     let record = pod.record()?;
-    assert_eq!(record.mode, "netlink");
+    assert_eq!(
+        record.mode,
+        egress_deny_datapath::attach::AttachMode::Netlink
+    );
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         0,

@@ -337,7 +337,7 @@ fn the_env_var_forces_the_cls_bpf_fallback_and_gc_removes_it() -> Result<()> {
     let (ok, out) = exec_plugin(&node, &env, &conf.to_string())?;
     assert!(ok, "{out}");
     let rec = record(&node, "envmode-1")?;
-    assert_eq!(rec.mode, "netlink");
+    assert_eq!(rec.mode, egress_deny_datapath::attach::AttachMode::Netlink);
     assert_eq!(rec.host_ifname, host);
     assert_eq!(link_pins(&node), 0, "cls_bpf needs no link pin");
     let pinned = pinned_program_id(&node)?;

@@ -50,11 +50,7 @@ pub fn run(args: &LookupArgs) -> Result<()> {
                     .as_ref()
                     .and_then(|m| m.get(a.ifindex).ok())
                     .unwrap_or_default();
-                let who = match (&a.pod_namespace, &a.pod_name) {
-                    (Some(ns), Some(name)) => format!("pod {ns}/{name} via {}", a.ifname),
-                    _ => format!("{} {}", a.kind, a.ifname),
-                };
-                println!("    {who}: denied {} packets so far", c.denied_packets);
+                println!("    {a}: denied {} packets so far", c.denied_packets);
             }
         }
     }

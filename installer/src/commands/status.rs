@@ -111,18 +111,9 @@ pub fn run(args: &StateArgs) -> Result<u8> {
             .as_ref()
             .and_then(|m| m.get(a.ifindex).ok())
             .unwrap_or_default();
-        let who = match (&a.pod_namespace, &a.pod_name) {
-            (Some(ns), Some(name)) => format!(" pod {ns}/{name}"),
-            _ => a
-                .container_id
-                .map(|c| format!(" container {c}"))
-                .unwrap_or_default(),
-        };
         writeln!(
             out,
-            "  {} {} (ifindex {}){who}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes{}",
-            a.kind,
-            a.ifname,
+            "  {a}, ifindex {}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes{}",
             a.ifindex,
             c.denied_packets,
             c.denied_bytes,

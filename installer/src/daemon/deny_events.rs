@@ -67,15 +67,6 @@ pub(super) fn log_deny_events(layout: PinLayout, state: StateLayout) {
 fn attachment_names(layout: &PinLayout, state: &StateLayout) -> Vec<(u32, String)> {
     attachments(layout, state)
         .into_iter()
-        .map(|a| {
-            let name = match (a.pod_namespace, a.pod_name) {
-                (Some(ns), Some(pod)) => format!("pod {ns}/{pod} ({})", a.ifname),
-                _ => match a.container_id {
-                    Some(c) => format!("container {c} ({})", a.ifname),
-                    None => format!("host {}", a.ifname),
-                },
-            };
-            (a.ifindex, name)
-        })
+        .map(|a| (a.ifindex, a.to_string()))
         .collect()
 }

@@ -43,14 +43,14 @@ pub(super) fn attach_host_interfaces(
                 if !previous.attached.contains(ifname) {
                     log::info!(
                         "filtering host interface {ifname} (tc egress, {} program {})",
-                        a.mode.as_str(),
+                        a.mode,
                         a.program_id
                     );
                 }
                 let record = HostRecord {
                     ifname: ifname.clone(),
                     ifindex: a.ifindex,
-                    mode: a.mode.as_str().to_owned(),
+                    mode: a.mode,
                 };
                 if HostRecord::list(state).iter().all(|(_, r)| *r != record)
                     && let Err(e) = record.write(state)
@@ -104,7 +104,7 @@ pub(super) fn attach_host_interfaces(
 /// recorded name only while that name still has the recorded ifindex (a new interface
 /// reusing the name is not ours to strip).
 pub fn detach_host(layout: &PinLayout, record: &HostRecord) {
-    let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
+    let mode = record.mode;
     let still_ours = iface::ifindex(&record.ifname).is_ok_and(|i| i == record.ifindex);
     let ifname = still_ours.then_some(record.ifname.as_str());
     if let Err(e) = attach::detach(

@@ -4,7 +4,7 @@
 use std::{collections::HashSet, sync::atomic::Ordering};
 
 use egress_deny_datapath::{
-    attach::{self, AttachMode, AttachRequest, Hook},
+    attach::{self, AttachRequest, Hook},
     loader,
     order::{self, Verified},
     paths::{PinLayout, StateLayout, is_reorder_link_name},
@@ -40,7 +40,7 @@ pub(super) fn move_attachments_to_current_program(layout: &PinLayout, state: &St
     let mut moved_pins = HashSet::new();
     for (_, record) in AttachmentRecord::list(state).unwrap_or_default() {
         let link_pin = record.link_pin_path(layout);
-        let mode = AttachMode::parse(&record.mode).unwrap_or(AttachMode::Tcx);
+        let mode = record.mode;
         let req = AttachRequest {
             ifname: &record.host_ifname,
             hook: Hook::Ingress,
