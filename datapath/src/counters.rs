@@ -1,6 +1,7 @@
 //! Per-CPU allowed/denied counters, one entry per attachment (keyed by ifindex).
 use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
-use egress_deny_common::{CounterKey, Counters};
+use egress_deny_common::CounterKey;
+pub use egress_deny_common::Counters;
 
 use crate::{
     error::{Error, Result, is_missing, missing_is_not_installed},

@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use egress_deny_datapath::counters::CounterMap;
+use egress_deny_datapath::counters::{CounterMap, Counters};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric},
@@ -221,33 +221,29 @@ fn attachment_metrics(e: &mut DescriptorEncoder, shared: &Shared) -> fmt::Result
             (labels, a.kind == AttachmentKind::Host, c)
         })
         .collect();
-    let with_verdict = |labels: &Labels, verdict: &str| {
-        let mut labels = labels.clone();
-        labels.push(("verdict", verdict.to_owned()));
-        labels
-    };
-    counters(
-        e,
-        "packets",
-        "Packets seen per attachment and verdict.",
-        rows.iter().flat_map(|(l, _, c)| {
-            [
-                (with_verdict(l, "denied"), c.denied_packets),
-                (with_verdict(l, "allowed"), c.allowed_packets),
-            ]
+    type ByVerdict = fn(&Counters) -> [(&'static str, u64); 2];
+    let by_verdict: [(&str, &str, ByVerdict); 2] = [
+        ("packets", "Packets seen per attachment and verdict.", |c| {
+            [("denied", c.denied_packets), ("allowed", c.allowed_packets)]
         }),
-    )?;
-    counters(
-        e,
-        "bytes",
-        "Bytes seen per attachment and verdict.",
-        rows.iter().flat_map(|(l, _, c)| {
-            [
-                (with_verdict(l, "denied"), c.denied_bytes),
-                (with_verdict(l, "allowed"), c.allowed_bytes),
-            ]
+        ("bytes", "Bytes seen per attachment and verdict.", |c| {
+            [("denied", c.denied_bytes), ("allowed", c.allowed_bytes)]
         }),
-    )?;
+    ];
+    for (name, help, values) in by_verdict {
+        counters(
+            e,
+            name,
+            help,
+            rows.iter().flat_map(|(l, _, c)| {
+                values(c).map(|(verdict, n)| {
+                    let mut labels = l.clone();
+                    labels.push(("verdict", verdict.to_owned()));
+                    (labels, n)
+                })
+            }),
+        )?;
+    }
     counters(
         e,
         "deny_events_suppressed",
