@@ -1,5 +1,8 @@
 //! Shared benchmark helpers: the published benchmark's rule mix, machine description,
-//! and writing a section of tests/BENCHMARKS.md between markers.
+//! and writing a section of tests/BENCHMARKS.md between markers; the benchmarks' own
+//! parts in [`suite`] (bench-suite).
+pub mod suite;
+
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
@@ -32,16 +35,7 @@ pub fn rule_mix(count: usize, seed: u64) -> Vec<(u32, u8)> {
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
         let addr: u32 = rng.random();
-        let first = addr >> 24;
-        let reserved = matches!(first, 0 | 10 | 127 | 224..=255)
-            || (addr >> 22) == (100 << 2 | 1) // 100.64/10
-            || (addr >> 16) == (169 << 8 | 254)
-            || (addr >> 20) == (172 << 4 | 1)
-            || (addr >> 16) == (192 << 8 | 168)
-            || (addr >> 16) == (192 << 8) // 192.0/16 (192.0.2.0/24 inside)
-            || (addr >> 16) == (198 << 8 | 51)
-            || (addr >> 16) == (203 << 8);
-        if reserved {
+        if !global_unicast(addr) {
             continue;
         }
         let len = match rng.random_range(0..100) {
@@ -56,6 +50,20 @@ pub fn rule_mix(count: usize, seed: u64) -> Vec<(u32, u8)> {
         }
     }
     out
+}
+
+/// Not in 0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.0/16 (192.0.2.0/24
+/// inside), 192.168/16, 198.51/16, 203.0/16, 224/3: the space [`rule_mix`] draws from.
+pub fn global_unicast(addr: u32) -> bool {
+    let first = addr >> 24;
+    !(matches!(first, 0 | 10 | 127 | 224..=255)
+        || (addr >> 22) == (100 << 2 | 1)
+        || (addr >> 16) == (169 << 8 | 254)
+        || (addr >> 20) == (172 << 4 | 1)
+        || (addr >> 16) == (192 << 8 | 168)
+        || (addr >> 16) == (192 << 8)
+        || (addr >> 16) == (198 << 8 | 51)
+        || (addr >> 16) == (203 << 8))
 }
 
 pub fn rules_text(rules: &[(u32, u8)]) -> String {
