@@ -1,6 +1,7 @@
 //! Shared benchmark helpers: the published benchmark's rule mix, machine description,
 //! and writing a section of tests/BENCHMARKS.md between markers; the benchmarks' own
-//! parts in [`suite`] (bench-suite).
+//! parts in [`suite`] (bench-suite) and [`datapath`] (bench-datapath).
+pub mod datapath;
 pub mod suite;
 
 use std::{net::Ipv4Addr, path::Path};
@@ -16,15 +17,19 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 /// Makes `rules` (sorted and deduplicated, as [`rule_mix`] returns them) the IPv4 deny
 /// table in force, swapped in whole as the installer does.
 pub fn deny_v4(layout: &PinLayout, rules: &[(u32, u8)]) -> Result<Swap> {
-    let entries: Vec<Entry<u32>> = rules
+    Ok(RuleTables::open(layout)?.replace_v4(&deny_entries(rules))?)
+}
+
+/// Table entries that deny each (address, prefix length).
+pub fn deny_entries<A: Copy>(rules: &[(A, u8)]) -> Vec<Entry<A>> {
+    rules
         .iter()
         .map(|&(addr, len)| Entry {
             addr,
             len,
             action: Action::Deny,
         })
-        .collect();
-    Ok(RuleTables::open(layout)?.replace_v4(&entries)?)
+        .collect()
 }
 
 /// Random global-unicast IPv4 prefixes, ≈89% /32, 10% /24, 1% /16 (the mix of the
