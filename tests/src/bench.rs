@@ -1,5 +1,9 @@
 //! Shared benchmark helpers: the published benchmark's rule mix, machine description,
-//! and writing a section of tests/BENCHMARKS.md between markers.
+//! and writing a section of tests/BENCHMARKS.md between markers; the benchmarks' own
+//! parts in [`suite`] (bench-suite) and [`datapath`] (bench-datapath).
+pub mod datapath;
+pub mod suite;
+
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
@@ -13,15 +17,19 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 /// Makes `rules` (sorted and deduplicated, as [`rule_mix`] returns them) the IPv4 deny
 /// table in force, swapped in whole as the installer does.
 pub fn deny_v4(layout: &PinLayout, rules: &[(u32, u8)]) -> Result<Swap> {
-    let entries: Vec<Entry<u32>> = rules
+    Ok(RuleTables::open(layout)?.replace_v4(&deny_entries(rules))?)
+}
+
+/// Table entries that deny each (address, prefix length).
+pub fn deny_entries<A: Copy>(rules: &[(A, u8)]) -> Vec<Entry<A>> {
+    rules
         .iter()
         .map(|&(addr, len)| Entry {
             addr,
             len,
             action: Action::Deny,
         })
-        .collect();
-    Ok(RuleTables::open(layout)?.replace_v4(&entries)?)
+        .collect()
 }
 
 /// Random global-unicast IPv4 prefixes, ≈89% /32, 10% /24, 1% /16 (the mix of the
@@ -32,16 +40,7 @@ pub fn rule_mix(count: usize, seed: u64) -> Vec<(u32, u8)> {
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
         let addr: u32 = rng.random();
-        let first = addr >> 24;
-        let reserved = matches!(first, 0 | 10 | 127 | 224..=255)
-            || (addr >> 22) == (100 << 2 | 1) // 100.64/10
-            || (addr >> 16) == (169 << 8 | 254)
-            || (addr >> 20) == (172 << 4 | 1)
-            || (addr >> 16) == (192 << 8 | 168)
-            || (addr >> 16) == (192 << 8) // 192.0/16 (192.0.2.0/24 inside)
-            || (addr >> 16) == (198 << 8 | 51)
-            || (addr >> 16) == (203 << 8);
-        if reserved {
+        if !global_unicast(addr) {
             continue;
         }
         let len = match rng.random_range(0..100) {
@@ -56,6 +55,20 @@ pub fn rule_mix(count: usize, seed: u64) -> Vec<(u32, u8)> {
         }
     }
     out
+}
+
+/// Not in 0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.0/16 (192.0.2.0/24
+/// inside), 192.168/16, 198.51/16, 203.0/16, 224/3: the space [`rule_mix`] draws from.
+pub fn global_unicast(addr: u32) -> bool {
+    let first = addr >> 24;
+    !(matches!(first, 0 | 10 | 127 | 224..=255)
+        || (addr >> 22) == (100 << 2 | 1)
+        || (addr >> 16) == (169 << 8 | 254)
+        || (addr >> 20) == (172 << 4 | 1)
+        || (addr >> 16) == (192 << 8 | 168)
+        || (addr >> 16) == (192 << 8)
+        || (addr >> 16) == (198 << 8 | 51)
+        || (addr >> 16) == (203 << 8))
 }
 
 pub fn rules_text(rules: &[(u32, u8)]) -> String {

@@ -17,6 +17,23 @@ use egress_deny_tests::{
 };
 use serde_json::json;
 
+/// The runtime's environment for one pod's ADD or DEL.
+fn cni_env<'a>(
+    command: &'a str,
+    container_id: &'a str,
+    netns: &'a str,
+    cni_args: &'a str,
+) -> [(&'static str, &'a str); 6] {
+    [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container_id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+        ("CNI_ARGS", cni_args),
+    ]
+}
+
 fn exec(env: &[(&str, &str)], stdin: &str) -> Result<f64> {
     let started = Instant::now();
     let mut child = Command::new(binary("egress-deny"))
@@ -126,29 +143,15 @@ fn main() -> Result<()> {
             });
             let netns = pod.path().display().to_string();
             let cid = format!("bench-{mode}-{i}");
-            let env = [
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_CONTAINERID", cid.as_str()),
-                ("CNI_NETNS", netns.as_str()),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", "/usr/lib/cni"),
-                ("CNI_ARGS", cni_args),
-            ];
             // The plugin runs where the runtime runs: in the node namespace.
             let _guard = NetnsGuard::enter(&node.path())?;
+            let env = cni_env("ADD", &cid, &netns, cni_args);
             add.push(exec(&env, &add_conf.to_string())?);
             namespaces.push((pod, cid, netns));
         }
         for (_, cid, netns) in &namespaces {
-            let env = [
-                ("CNI_COMMAND", "DEL"),
-                ("CNI_CONTAINERID", cid.as_str()),
-                ("CNI_NETNS", netns.as_str()),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", "/usr/lib/cni"),
-                ("CNI_ARGS", cni_args),
-            ];
             let _guard = NetnsGuard::enter(&node.path())?;
+            let env = cni_env("DEL", cid, netns, cni_args);
             del.push(exec(&env, &mode_conf.to_string())?);
         }
         ensure!(

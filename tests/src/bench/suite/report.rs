@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::Result;
 
-use crate::{Run, Sample, Suite};
+use super::{Run, Suite, measurement::sample::Sample, mechanisms::MECHANISMS, topology::SERVER};
 
 const COLORS: [&str; 5] = ["#7f7f7f", "#d62728", "#ff7f0e", "#2ca02c", "#1f77b4"];
 /// The spread goal: a 95% confidence interval of the mean paired ratio within ±3% of it.
@@ -297,7 +297,7 @@ fn machine() -> String {
             })
             .unwrap_or_else(|| "?".into())
     };
-    let mem = egress_deny_tests::bench::meminfo_kib("MemTotal").unwrap_or(0) / 1024 / 1024;
+    let mem = crate::bench::meminfo_kib("MemTotal").unwrap_or(0) / 1024 / 1024;
     let hypervisor = field("Hypervisor vendor");
     format!(
         "- CPU: {} (lscpu), {} CPU(s), {} thread(s) per core{}\n\
@@ -340,7 +340,7 @@ fn values(suite: &Suite, mi: usize, n: usize, metric: &Metric, ratio: bool) -> V
     runs(suite, mi, n)
         .iter()
         .map(|r| match metric.kind {
-            Kind::Setup => secs(r.effective),
+            Kind::Setup => secs(r.setup.effective),
             _ if ratio => (metric.get)(&r.sample) / (metric.get)(&r.base),
             _ => (metric.get)(&r.sample),
         })
@@ -404,7 +404,7 @@ fn cell(st: Option<Stat>, as_pct: bool, decimals: usize) -> String {
 }
 
 fn mech_index(m: &str) -> usize {
-    crate::MECHANISMS.iter().position(|k| *k == m).unwrap_or(0)
+    MECHANISMS.iter().position(|k| *k == m).unwrap_or(0)
 }
 
 fn shown(metric: &Metric, m: &str) -> bool {
@@ -495,7 +495,7 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
          compare mechanisms within the run, not with other machines. Raw repetitions, each with its\n\
          paired baseline (`base_*` columns): `results.csv`.\n",
         seed = suite.seed,
-        server = crate::SERVER,
+        server = SERVER,
         dests = suite.destinations,
         deny = 100.0 * suite.deny_share,
         secs = suite.secs,
@@ -689,7 +689,7 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
             }
             let names: Vec<&str> = runs
                 .first()
-                .map(|r| r.phases.iter().map(|(p, _)| *p).collect())
+                .map(|r| r.setup.phases.iter().map(|(p, _)| *p).collect())
                 .unwrap_or_default();
             let phases: Vec<String> = names
                 .iter()
@@ -697,7 +697,7 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
                 .map(|(i, name)| {
                     let v = median(
                         runs.iter()
-                            .filter_map(|r| r.phases.get(i).map(|(_, d)| d.as_secs_f64()))
+                            .filter_map(|r| r.setup.phases.get(i).map(|(_, d)| d.as_secs_f64()))
                             .collect(),
                     );
                     format!("{name} {v:.3}")
@@ -708,7 +708,10 @@ pub fn write(dir: &Path, suite: &Suite) -> Result<()> {
                 "| {m} | {} | {} | {} | {} |",
                 count(n),
                 phases.join(", "),
-                fmt(median(runs.iter().map(|r| secs(r.apply)).collect()), 3),
+                fmt(
+                    median(runs.iter().map(|r| secs(r.setup.apply)).collect()),
+                    3
+                ),
                 fmt(
                     median(runs.iter().map(|r| r.teardown.as_secs_f64()).collect()),
                     3
@@ -865,7 +868,7 @@ fn count(n: usize) -> String {
 }
 
 fn limits(suite: &Suite) -> String {
-    let idx = |m: &str| crate::MECHANISMS.iter().position(|k| *k == m).unwrap_or(0);
+    let idx = |m: &str| MECHANISMS.iter().position(|k| *k == m).unwrap_or(0);
     let measured: Vec<usize> = suite
         .sizes
         .iter()
@@ -933,6 +936,7 @@ fn csv(suite: &Suite) -> String {
     for ((mi, n), runs) in &suite.results {
         for r in runs {
             let phases: Vec<String> = r
+                .setup
                 .phases
                 .iter()
                 .map(|(p, d)| format!("{p}={:.4}", d.as_secs_f64()))
@@ -947,11 +951,11 @@ fn csv(suite: &Suite) -> String {
             let _ = writeln!(
                 s,
                 "{},{n},{},{},{},{},{:.4},{:.2},{}",
-                crate::MECHANISMS[*mi],
+                MECHANISMS[*mi],
                 r.rep + 1,
                 values.join(","),
-                num(secs(r.apply)),
-                num(secs(r.effective)),
+                num(secs(r.setup.apply)),
+                num(secs(r.setup.effective)),
                 r.teardown.as_secs_f64(),
                 r.settle.as_secs_f64(),
                 phases.join(";")
