@@ -35,24 +35,35 @@ pub struct MapSpec {
     pub flags: u32,
 }
 
+impl MapSpec {
+    /// One slot: the table in force (an inner map id), swapped by one update.
+    const fn table_slot(name: &'static str) -> Self {
+        Self {
+            name,
+            map_type: MapType::ArrayOfMaps,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            flags: 0,
+        }
+    }
+
+    /// One entry of `value_size` bytes.
+    const fn single(name: &'static str, value_size: usize) -> Self {
+        Self {
+            name,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: value_size as u32,
+            max_entries: 1,
+            flags: 0,
+        }
+    }
+}
+
 pub const MAP_SPECS: [MapSpec; 6] = [
-    // One slot: the table in force (an inner map id).
-    MapSpec {
-        name: V4_TABLE_MAP,
-        map_type: MapType::ArrayOfMaps,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        flags: 0,
-    },
-    MapSpec {
-        name: V6_TABLE_MAP,
-        map_type: MapType::ArrayOfMaps,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        flags: 0,
-    },
+    MapSpec::table_slot(V4_TABLE_MAP),
+    MapSpec::table_slot(V6_TABLE_MAP),
     MapSpec {
         name: COUNTERS_MAP,
         map_type: MapType::PerCpuHash,
@@ -61,22 +72,8 @@ pub const MAP_SPECS: [MapSpec; 6] = [
         max_entries: MAX_ATTACHMENTS,
         flags: 0,
     },
-    MapSpec {
-        name: CONFIG_MAP,
-        map_type: MapType::Array,
-        key_size: 4,
-        value_size: 8,
-        max_entries: 1,
-        flags: 0,
-    },
-    MapSpec {
-        name: SETTINGS_MAP,
-        map_type: MapType::Array,
-        key_size: 4,
-        value_size: std::mem::size_of::<Settings>() as u32,
-        max_entries: 1,
-        flags: 0,
-    },
+    MapSpec::single(CONFIG_MAP, 8),
+    MapSpec::single(SETTINGS_MAP, std::mem::size_of::<Settings>()),
     MapSpec {
         name: EVENTS_MAP,
         map_type: MapType::RingBuf,

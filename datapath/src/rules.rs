@@ -18,7 +18,7 @@ use crate::{
     error::{Error, Result, is_missing, missing_is_not_installed},
     paths::{PinLayout, V4_TABLE_MAP, V6_TABLE_MAP},
     sys,
-    table::{self, Entry, Layout, TableKey, TableView},
+    table::{self, Entry, Layout, TableError, TableKey, TableView},
 };
 
 /// A rule's action; defined with the rule model the table compiler reads.
@@ -352,12 +352,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The family's table checked by its header only (O(1)), for searching.
     fn view<K: TableKey>(table: &Option<MappedTable>) -> Result<Option<TableView<'_, K>>> {
-        table
-            .as_ref()
-            .map(|t| TableView::parse_header(t.bytes()))
-            .transpose()
-            .map_err(Error::from)
+        view_with(table, TableView::parse_header)
     }
 
     /// The header of the family's table (4 or 6), if there is one.
@@ -445,9 +442,16 @@ impl Snapshot {
 
 /// A table validated whole (O(size)), for reading every rule back.
 fn full_view<K: TableKey>(table: &Option<MappedTable>) -> Result<Option<TableView<'_, K>>> {
+    view_with(table, TableView::parse)
+}
+
+fn view_with<'a, K: TableKey>(
+    table: &'a Option<MappedTable>,
+    parse: fn(&'a [u8]) -> std::result::Result<TableView<'a, K>, TableError>,
+) -> Result<Option<TableView<'a, K>>> {
     table
         .as_ref()
-        .map(|t| TableView::parse(t.bytes()))
+        .map(|t| parse(t.bytes()))
         .transpose()
         .map_err(Error::from)
 }

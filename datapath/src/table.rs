@@ -132,29 +132,40 @@ fn put_u64(out: &mut [u8], at: usize, v: u64) {
     out[at..at + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
+/// The parts of [`TableKey`] that read the same for every unsigned address width.
+macro_rules! unsigned_address {
+    ($t:ty) => {
+        const BITS: u32 = <$t>::BITS;
+        const ZERO: Self = 0;
+        const MAX: Self = <$t>::MAX;
+
+        fn host_mask(len: u8) -> Self {
+            <$t>::MAX.checked_shr(u32::from(len)).unwrap_or(0)
+        }
+        fn bucket(self, direct_bits: u32) -> u32 {
+            (self >> (Self::BITS - direct_bits)) as u32
+        }
+        fn bucket_start(bucket: u32, direct_bits: u32) -> Self {
+            <$t>::from(bucket) << (Self::BITS - direct_bits)
+        }
+        fn succ(self) -> Option<Self> {
+            self.checked_add(1)
+        }
+        fn pred(self) -> Option<Self> {
+            self.checked_sub(1)
+        }
+        fn widen(self) -> u128 {
+            self.into()
+        }
+    };
+}
+
 impl TableKey for u32 {
-    const BITS: u32 = 32;
+    unsigned_address!(u32);
     const FAMILY: u32 = 4;
-    const ZERO: Self = 0;
-    const MAX: Self = u32::MAX;
     const RANGE_BYTES: usize = size_of::<V4Range>();
     const RANGES_PER_BLOCK: u32 = V4_RANGES_PER_BLOCK;
 
-    fn host_mask(len: u8) -> Self {
-        u32::MAX.checked_shr(u32::from(len)).unwrap_or(0)
-    }
-    fn bucket(self, direct_bits: u32) -> u32 {
-        self >> (Self::BITS - direct_bits)
-    }
-    fn bucket_start(bucket: u32, direct_bits: u32) -> Self {
-        bucket << (Self::BITS - direct_bits)
-    }
-    fn succ(self) -> Option<Self> {
-        self.checked_add(1)
-    }
-    fn pred(self) -> Option<Self> {
-        self.checked_sub(1)
-    }
     fn write_range(out: &mut [u8], start: Self, verdict: u32) {
         put_u32(out, offset_of!(V4Range, start), start);
         put_u32(out, offset_of!(V4Range, verdict), verdict);
@@ -165,34 +176,14 @@ impl TableKey for u32 {
             ne_u32(range, offset_of!(V4Range, verdict)),
         )
     }
-    fn widen(self) -> u128 {
-        self.into()
-    }
 }
 
 impl TableKey for u128 {
-    const BITS: u32 = 128;
+    unsigned_address!(u128);
     const FAMILY: u32 = 6;
-    const ZERO: Self = 0;
-    const MAX: Self = u128::MAX;
     const RANGE_BYTES: usize = size_of::<V6Range>();
     const RANGES_PER_BLOCK: u32 = V6_RANGES_PER_BLOCK;
 
-    fn host_mask(len: u8) -> Self {
-        u128::MAX.checked_shr(u32::from(len)).unwrap_or(0)
-    }
-    fn bucket(self, direct_bits: u32) -> u32 {
-        (self >> (Self::BITS - direct_bits)) as u32
-    }
-    fn bucket_start(bucket: u32, direct_bits: u32) -> Self {
-        u128::from(bucket) << (Self::BITS - direct_bits)
-    }
-    fn succ(self) -> Option<Self> {
-        self.checked_add(1)
-    }
-    fn pred(self) -> Option<Self> {
-        self.checked_sub(1)
-    }
     fn write_range(out: &mut [u8], start: Self, verdict: u32) {
         put_u64(out, offset_of!(V6Range, start_hi), (start >> 64) as u64);
         put_u64(out, offset_of!(V6Range, start_lo), start as u64);
@@ -206,9 +197,6 @@ impl TableKey for u128 {
             (u128::from(hi) << 64) | u128::from(lo),
             ne_u32(range, offset_of!(V6Range, verdict)),
         )
-    }
-    fn widen(self) -> u128 {
-        self
     }
 }
 

@@ -48,41 +48,56 @@ fn gauge(
     help: &str,
     value: impl EncodeGaugeValue,
 ) -> fmt::Result {
-    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+    one(encoder, name, help, ConstGauge::new(value))
 }
 
 fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    ConstCounter::new(value).encode(encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        MetricType::Counter,
-    )?)
+    one(encoder, name, help, ConstCounter::new(value))
 }
 
-/// One metric with a sample per label set.
+fn one(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// One gauge with a sample per label set.
 fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: impl IntoIterator<Item = (L, V)>,
 ) -> fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, value) in samples {
-        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(encoder, name, help, MetricType::Gauge, samples)
 }
 
+/// One counter with a sample per label set.
 fn counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: impl IntoIterator<Item = (L, u64)>,
 ) -> fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in samples {
-        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(encoder, name, help, MetricType::Counter, samples)
+}
+
+/// `kind` is given, not taken from a sample: a family may have none (its HELP and TYPE
+/// lines are still written, so that every name is always exported).
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, sample) in samples {
+        sample.encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
 }

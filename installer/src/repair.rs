@@ -319,16 +319,18 @@ mod tests {
         let secondary = serde_json::json!({ "name": "side", "plugins": [{ "type": "ptp" }] });
         std::fs::write(conf_dir.join("20-side.conflist"), secondary.to_string()).unwrap();
 
+        // The conflists ask for netlink mode; no pod is in an excluded namespace.
+        let attach_with_netlink = || Decision::Attach {
+            mode: AttachMode::Netlink,
+            exempt: false,
+        };
         // Only the cache knows network k8s: its cached config decides.
         let decide_for = |network, ns, config: &Value| {
             decide(&layout, &state, &conf_dir, &cached(network, ns, config))
         };
         assert_eq!(
             decide_for("k8s", "default", &chained),
-            Decision::Attach {
-                mode: AttachMode::Netlink,
-                exempt: false
-            }
+            attach_with_netlink()
         );
         assert!(matches!(
             decide_for("k8s", "kube-system", &chained),
@@ -346,10 +348,7 @@ mod tests {
         std::fs::write(conf_dir.join("10-k8s.conflist"), chained.to_string()).unwrap();
         assert_eq!(
             decide_for("k8s", "default", &primary_only),
-            Decision::Attach {
-                mode: AttachMode::Netlink,
-                exempt: false
-            }
+            attach_with_netlink()
         );
         assert!(matches!(
             decide_for("k8s", "kube-system", &primary_only),

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod object;
+#[cfg(target_arch = "bpf")]
 mod program;
 #[cfg(target_arch = "bpf")]
 mod table;

@@ -373,12 +373,3 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         ctx.load::<T>(offset).ok()
     }
 }
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -6,6 +6,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+#[path = "object.rs"]
+mod object;
+#[cfg(target_arch = "bpf")]
 #[path = "table.rs"]
 mod table;
 
@@ -86,15 +89,6 @@ mod program {
     const LOOKUP_TABLE: u8 = 1;
     const LOOKUP_TRIE: u8 = 2;
     const LOOKUP_TABLE_V6: u8 = 3;
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 }
 
 #[cfg(not(target_arch = "bpf"))]
