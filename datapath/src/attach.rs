@@ -16,12 +16,13 @@ use std::{
 };
 
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier,
     tc::{SchedClassifierLink, TcHandle},
 };
 use aya_obj::generated::bpf_attach_type;
 use serde::{Deserialize, Serialize};
 
+pub use crate::hook::Hook;
 use crate::{
     error::{Error, Result, is_missing, missing_is_not_installed, remove_if_present},
     iface, netlink,
@@ -33,30 +34,6 @@ use crate::{
 /// Priority 1 puts us ahead of filters installed with the default priority.
 pub const NETLINK_PRIORITY: u16 = 1;
 pub const NETLINK_HANDLE: u32 = 0xed01;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// Packets entering the host from the device: pod veths (host side).
-    Ingress,
-    /// Packets leaving the host through the device: host uplinks.
-    Egress,
-}
-
-impl Hook {
-    fn tc(self) -> TcAttachType {
-        match self {
-            Hook::Ingress => TcAttachType::Ingress,
-            Hook::Egress => TcAttachType::Egress,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Hook::Ingress => "ingress",
-            Hook::Egress => "egress",
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {

@@ -13,6 +13,7 @@ pub mod attach;
 pub mod counters;
 pub mod error;
 pub mod events;
+pub mod hook;
 pub mod iface;
 pub mod lifecycle;
 pub mod loader;

@@ -5,8 +5,8 @@
 use std::{io, mem::size_of};
 
 use crate::{
-    attach::Hook,
     error::{Error, Result},
+    hook::Hook,
 };
 
 const NLMSG_HDRLEN: usize = 16;
