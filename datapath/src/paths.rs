@@ -66,6 +66,7 @@ const HOST_LINK_PREFIX: &str = "host_";
 const ATTACHMENTS_DIR: &str = "attachments";
 const HOST_ATTACHMENTS_DIR: &str = "hosts";
 const DAEMON_LOCK: &str = "daemon.lock";
+const DAEMON_STATUS: &str = "status.json";
 
 /// Which of the two program sections an interface needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +335,11 @@ impl StateLayout {
     /// Held (flock) by the running daemon: one per node, a second one waits.
     pub fn daemon_lock(&self) -> PathBuf {
         self.root.join(DAEMON_LOCK)
+    }
+
+    /// The daemon's last sync, attachments and errors, for `status` (JSON).
+    pub fn daemon_status(&self) -> PathBuf {
+        self.root.join(DAEMON_STATUS)
     }
 
     /// Host-interface attachments the installer made (its own, not the plugin's).

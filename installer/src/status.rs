@@ -3,12 +3,11 @@
 //! daemon writes it; `status` and a restarted daemon read it.
 use std::{
     fmt,
-    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use egress_deny_datapath::{
-    paths::PinLayout,
+    paths::{PinLayout, StateLayout},
     records::write_atomically,
     rules::{RuleTables, Swap},
 };
@@ -161,20 +160,16 @@ pub struct DaemonStatus {
     pub conflist: Option<String>,
 }
 
-pub fn status_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("status.json")
-}
-
 impl DaemonStatus {
-    pub fn save(&self, state_dir: &Path) {
+    pub fn save(&self, state: &StateLayout) {
         let json = serde_json::to_vec_pretty(self).expect("serializable");
-        if let Err(e) = write_atomically(&status_path(state_dir), &json) {
+        if let Err(e) = write_atomically(&state.daemon_status(), &json) {
             log::warn!("saving status: {e}");
         }
     }
 
-    pub fn load(state_dir: &Path) -> Option<Self> {
-        let bytes = std::fs::read(status_path(state_dir)).ok()?;
+    pub fn load(state: &StateLayout) -> Option<Self> {
+        let bytes = std::fs::read(state.daemon_status()).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 }

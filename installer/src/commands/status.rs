@@ -46,7 +46,7 @@ pub fn run(args: &StateArgs) -> Result<u8> {
             "NOT installed"
         }
     )?;
-    match DaemonStatus::load(&args.state_dir) {
+    match DaemonStatus::load(&state) {
         Some(status) => {
             if let Some(sync) = &status.last_sync {
                 let r = &sync.rules;
@@ -130,7 +130,7 @@ pub fn run(args: &StateArgs) -> Result<u8> {
         )?;
     }
     print!("{out}");
-    let status = DaemonStatus::load(&args.state_dir);
+    let status = DaemonStatus::load(&state);
     let rules_loaded =
         installed && egress_deny_datapath::events::rules_loaded(&layout).unwrap_or(false);
     let degraded = status.as_ref().is_some_and(|s| {

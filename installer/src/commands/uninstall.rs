@@ -10,7 +10,7 @@ use egress_deny_datapath::{
 
 use crate::{
     cli::{CniDirs, StateArgs},
-    conflist, daemon, node, status,
+    conflist, daemon, node,
 };
 
 #[derive(Args, Debug)]
@@ -40,7 +40,7 @@ pub fn run(args: &UninstallArgs) -> Result<()> {
     // Remaining pins (host links of older versions, programs, maps) go with the pin
     // dir: a TCX link is detached once its pin is gone.
     loader::unpin_all(&layout)?;
-    let _ = std::fs::remove_file(status::status_path(&args.state.state_dir));
+    let _ = std::fs::remove_file(state.daemon_status());
     let binary = args.cni.cni_bin_dir.join(node::PLUGIN_NAME);
     match std::fs::remove_file(&binary) {
         Ok(()) => log::info!("removed {}", binary.display()),

@@ -119,13 +119,13 @@ pub fn detach_host(layout: &PinLayout, record: &HostRecord) {
 
 /// Puts the host interfaces (filtered, and not with why) into status, saved when they
 /// changed.
-pub(super) fn set_host_interfaces(shared: &Shared, args: &RunArgs, host_links: &HostLinks) {
+pub(super) fn set_host_interfaces(shared: &Shared, host_links: &HostLinks) {
     let mut status = shared.status.lock().expect("status");
     if status.host_interfaces != host_links.attached
         || status.host_interfaces_unfiltered != host_links.unfiltered
     {
         status.host_interfaces = host_links.attached.clone();
         status.host_interfaces_unfiltered = host_links.unfiltered.clone();
-        status.save(&args.state.state_dir);
+        status.save(&shared.state);
     }
 }

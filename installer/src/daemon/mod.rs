@@ -85,7 +85,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let staged = load_datapath(args, &layout, &state)?;
     node::install_plugin(args.plugin_binary.as_deref(), &args.cni.cni_bin_dir)?;
 
-    let previous = DaemonStatus::load(&args.state.state_dir).unwrap_or_default();
+    let previous = DaemonStatus::load(&state).unwrap_or_default();
     let mut rules = rules_sync::RulesSync::open(args, &layout, previous.enforced.clone(), cancel)?;
     *shared.status.lock().expect("status") = previous;
     shared.staged.store(staged, Ordering::Relaxed);

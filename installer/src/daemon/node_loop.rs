@@ -37,7 +37,7 @@ pub(super) fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<
     ensure_conflist(args, shared, &mut conflist_error);
     repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
     let mut host_links = attach_host_interfaces(args, layout, state, &HostLinks::default());
-    set_host_interfaces(shared, args, &host_links);
+    set_host_interfaces(shared, &host_links);
     let mut conf_due: Option<Instant> = None;
     let mut verify_due: Option<Instant> = None;
     let mut next_tick = Instant::now() + TICK;
@@ -81,7 +81,7 @@ pub(super) fn node_loop(args: &RunArgs, shared: &Shared, events: mpsc::Receiver<
             host_links = attach_host_interfaces(args, layout, state, &host_links);
             repair::clean_up_vanished(layout, state);
             repair::repair_from_cache(layout, state, &args.cni_cache_dir, &args.cni.cni_conf_dir);
-            set_host_interfaces(shared, args, &host_links);
+            set_host_interfaces(shared, &host_links);
         }
     }
 }
@@ -147,6 +147,6 @@ fn ensure_conflist(args: &RunArgs, shared: &Shared, last_error: &mut Option<Stri
     let mut status = shared.status.lock().expect("status");
     if status.conflist != conflist {
         status.conflist = conflist;
-        status.save(&args.state.state_dir);
+        status.save(&shared.state);
     }
 }

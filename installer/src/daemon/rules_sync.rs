@@ -101,7 +101,7 @@ impl RulesSync {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
                 let why = format!("reading {}: {e}", args.rules_dir.display());
-                self.finish(args, shared, started, Err(Rejected::Transient(why)));
+                self.finish(shared, started, Err(Rejected::Transient(why)));
                 return;
             }
         };
@@ -126,7 +126,7 @@ impl RulesSync {
             }),
             Err(_) => None,
         };
-        self.finish(args, shared, started, outcome);
+        self.finish(shared, started, outcome);
     }
 
     fn parse_and_apply(
@@ -218,7 +218,6 @@ impl RulesSync {
 
     fn finish(
         &mut self,
-        args: &RunArgs,
         shared: &Shared,
         started: Instant,
         outcome: Result<(usize, usize, usize), Rejected>,
@@ -277,6 +276,6 @@ impl RulesSync {
             files,
             tables: self.tables.clone(),
         });
-        status.save(&args.state.state_dir);
+        status.save(&shared.state);
     }
 }
