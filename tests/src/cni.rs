@@ -12,7 +12,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Netns, PinDir, binary, installer::InstallerDirs, random_suffix};
+use crate::{
+    Netns, PinDir, binary,
+    installer::{Installer, InstallerDirs},
+    random_suffix,
+};
 
 pub const DENIED: &str = "198.51.100.7";
 pub const ALLOWED: &str = "192.0.2.10";
@@ -98,6 +102,19 @@ impl CniNode {
         std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
         *node.extra_cni_path.lock().expect("lock") = Some(dirs.bin_dir());
         Ok((node, dirs, conflist))
+    }
+
+    /// [`Self::with_installer_dirs`] with `DENIED/32` published and an installer run
+    /// with `flags` in the node, ready (it stops when the returned [`Installer`] drops).
+    pub fn with_ready_installer(
+        primary: Primary,
+        flags: &[&str],
+    ) -> Result<(Self, InstallerDirs, PathBuf, Installer)> {
+        let (node, dirs, conflist) = Self::with_installer_dirs(primary)?;
+        dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+        let installer = Installer::start(&dirs, Some(&node.node), flags)?;
+        installer.wait_ready()?;
+        Ok((node, dirs, conflist, installer))
     }
 
     pub fn new() -> Result<Self> {
@@ -284,11 +301,15 @@ impl CniNode {
 
     /// A new pod namespace (not yet added).
     pub fn pod(&self) -> Result<Pod<'_>> {
-        Ok(Pod {
-            node: self,
-            ns: Some(Netns::new("edp")?),
-            container_id: format!("ctr-{}", random_suffix()),
-        })
+        self.pod_with_id(&format!("ctr-{}", random_suffix()))
+    }
+
+    /// A new pod, added through `conflist` with CNI_ARGS `args`: a CNI error fails the
+    /// test (tests that expect one call [`Pod::add`] themselves).
+    pub fn added_pod(&self, conflist: &Path, args: &str) -> Result<Pod<'_>> {
+        let pod = self.pod()?;
+        pod.add(conflist, args)?.map_err(anyhow::Error::msg)?;
+        Ok(pod)
     }
 }
 
@@ -311,43 +332,35 @@ impl Pod<'_> {
         }
     }
 
+    /// One runtime command on this pod's `ifname`: the plugin chain's stdout, or the
+    /// CNI error it ended with.
+    fn run_on(
+        &self,
+        command: &str,
+        conflist: &Path,
+        ifname: &str,
+        args: &str,
+    ) -> Result<Result<String, CniFailure>> {
+        self.node.runtime_on(
+            command,
+            conflist,
+            &self.container_id,
+            &self.netns_path(),
+            ifname,
+            args,
+        )
+    }
+
     pub fn add(&self, conflist: &Path, args: &str) -> Result<Result<Value, CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "add",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
+        self.add_on(conflist, "eth0", args)
     }
 
     pub fn check(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "check",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|_| ()))
+        self.check_on(conflist, "eth0", args)
     }
 
     pub fn del(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "del",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|_| ()))
+        self.del_on(conflist, "eth0", args)
     }
 
     /// ADD with pod interface `ifname`.
@@ -358,15 +371,7 @@ impl Pod<'_> {
         args: &str,
     ) -> Result<Result<Value, CniFailure>> {
         Ok(self
-            .node
-            .runtime_on(
-                "add",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
+            .run_on("add", conflist, ifname, args)?
             .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
     }
 
@@ -377,17 +382,7 @@ impl Pod<'_> {
         ifname: &str,
         args: &str,
     ) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime_on(
-                "check",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
-            .map(|_| ()))
+        Ok(self.run_on("check", conflist, ifname, args)?.map(drop))
     }
 
     /// DEL with pod interface `ifname`.
@@ -397,17 +392,7 @@ impl Pod<'_> {
         ifname: &str,
         args: &str,
     ) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime_on(
-                "del",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
-            .map(|_| ()))
+        Ok(self.run_on("del", conflist, ifname, args)?.map(drop))
     }
 
     /// The attachment record of this pod's `ifname` (whichever network, any naming).
@@ -421,13 +406,9 @@ impl Pod<'_> {
         )?)
     }
 
-    /// Host-side veth name from the attachment record the plugin wrote.
+    /// The attachment record of this pod's `eth0`.
     pub fn record(&self) -> Result<egress_deny_datapath::records::AttachmentRecord> {
-        let state = egress_deny_datapath::paths::StateLayout::new(self.node.state_dir());
-        let path = state.attachment_record(&self.container_id, "eth0");
-        Ok(egress_deny_datapath::records::AttachmentRecord::read(
-            &path,
-        )?)
+        self.record_of("eth0")
     }
 }
 
