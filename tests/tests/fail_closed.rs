@@ -522,10 +522,7 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
     let ns = egress_deny_tests::Netns::new("edib")?;
     let dirs = InstallerDirs::with_placeholder_primary()?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let _tun = {
-        let _in_ns = egress_deny_datapath::netns::NetnsGuard::enter(&ns.path())?;
-        egress_deny_tests::open_tun("ib0", Some(ARPHRD_INFINIBAND))?
-    };
+    let _tun = ns.open_tun("ib0", Some(ARPHRD_INFINIBAND))?;
     ns.ip("link set ib0 up")?;
     let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=ib0"])?;
     installer.wait_ready()?;
