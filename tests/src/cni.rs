@@ -71,6 +71,10 @@ pub struct CniFailure {
     pub msg: String,
 }
 
+/// What a runtime command ends with: its output, or the CNI error it reported (the outer
+/// error is the test harness failing, not the plugin).
+pub type CniResult<T> = Result<Result<T, CniFailure>>;
+
 impl std::fmt::Display for CniFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CNI error {}: {}", self.code, self.msg)
@@ -172,6 +176,23 @@ impl CniNode {
         self.dir.path().join("state")
     }
 
+    /// The runtime's CNI cache (libcni's), where an installer finds pods started
+    /// without the plugin.
+    pub fn cni_cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Starts an installer that repairs from this node's CNI cache, with no host
+    /// interfaces and `extra` flags; returns it ready.
+    pub fn repairing_installer(&self, dirs: &InstallerDirs, extra: &[&str]) -> Result<Installer> {
+        let cache = format!("--cni-cache-dir={}", self.cni_cache_dir().display());
+        let mut flags = vec!["--host-interfaces=none", cache.as_str()];
+        flags.extend_from_slice(extra);
+        let installer = Installer::start(dirs, Some(&self.node), &flags)?;
+        installer.wait_ready()?;
+        Ok(installer)
+    }
+
     pub fn plugin_log(&self) -> PathBuf {
         self.dir.path().join("plugin.log")
     }
@@ -235,7 +256,7 @@ impl CniNode {
         container_id: &str,
         netns: &Path,
         args: &str,
-    ) -> Result<Result<String, CniFailure>> {
+    ) -> CniResult<String> {
         self.runtime_on(command, conflist, container_id, netns, "eth0", args)
     }
 
@@ -248,7 +269,7 @@ impl CniNode {
         netns: &Path,
         ifname: &str,
         args: &str,
-    ) -> Result<Result<String, CniFailure>> {
+    ) -> CniResult<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.node.path().display()))
             .arg(driver())
@@ -264,7 +285,7 @@ impl CniNode {
                 format!("IgnoreUnknown=1;{args}")
             })
             .env("CNI_PATH", self.cni_path())
-            .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
+            .env("CNI_CACHE_DIR", self.cni_cache_dir())
             .output()
             .context("running the CNI driver")?;
         if out.status.success() {
@@ -325,6 +346,24 @@ impl Pod<'_> {
         self.ns.as_ref().expect("pod namespace was deleted")
     }
 
+    /// Waits until `installer` has repaired this pod, started without the plugin: its
+    /// packets to DENIED dropped, then the repair of `pod` (`namespace/name`) logged.
+    pub fn wait_for_repair(&self, installer: &Installer, pod: &str) -> Result<()> {
+        crate::wait_until(
+            &format!("{pod} to be filtered"),
+            std::time::Duration::from_secs(10),
+            || {
+                crate::probe::udp_through(self.ns(), &self.node.server, DENIED, ALLOWED, 1)
+                    .is_ok_and(|n| n == 0)
+            },
+        )?;
+        // The attachment takes effect a moment before the daemon records and logs it.
+        installer.wait_for_log(
+            &format!("repaired: pod {pod}"),
+            std::time::Duration::from_secs(10),
+        )
+    }
+
     fn netns_path(&self) -> PathBuf {
         match &self.ns {
             Some(ns) => ns.path(),
@@ -340,7 +379,7 @@ impl Pod<'_> {
         conflist: &Path,
         ifname: &str,
         args: &str,
-    ) -> Result<Result<String, CniFailure>> {
+    ) -> CniResult<String> {
         self.node.runtime_on(
             command,
             conflist,
@@ -351,47 +390,32 @@ impl Pod<'_> {
         )
     }
 
-    pub fn add(&self, conflist: &Path, args: &str) -> Result<Result<Value, CniFailure>> {
+    pub fn add(&self, conflist: &Path, args: &str) -> CniResult<Value> {
         self.add_on(conflist, "eth0", args)
     }
 
-    pub fn check(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
+    pub fn check(&self, conflist: &Path, args: &str) -> CniResult<()> {
         self.check_on(conflist, "eth0", args)
     }
 
-    pub fn del(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
+    pub fn del(&self, conflist: &Path, args: &str) -> CniResult<()> {
         self.del_on(conflist, "eth0", args)
     }
 
     /// ADD with pod interface `ifname`.
-    pub fn add_on(
-        &self,
-        conflist: &Path,
-        ifname: &str,
-        args: &str,
-    ) -> Result<Result<Value, CniFailure>> {
+    pub fn add_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<Value> {
         Ok(self
             .run_on("add", conflist, ifname, args)?
             .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
     }
 
     /// CHECK with pod interface `ifname`.
-    pub fn check_on(
-        &self,
-        conflist: &Path,
-        ifname: &str,
-        args: &str,
-    ) -> Result<Result<(), CniFailure>> {
+    pub fn check_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<()> {
         Ok(self.run_on("check", conflist, ifname, args)?.map(drop))
     }
 
     /// DEL with pod interface `ifname`.
-    pub fn del_on(
-        &self,
-        conflist: &Path,
-        ifname: &str,
-        args: &str,
-    ) -> Result<Result<(), CniFailure>> {
+    pub fn del_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<()> {
         Ok(self.run_on("del", conflist, ifname, args)?.map(drop))
     }
 
@@ -486,6 +510,20 @@ pub fn exec_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<
             .with_context(|| format!("stdout is not one JSON document: {:?}", run.stdout))?
     };
     Ok((run.ok, value))
+}
+
+/// The environment of a direct exec of `command` for `container_id`'s eth0 in `netns`.
+pub fn pod_env<'a>(
+    command: &'a str,
+    container_id: &'a str,
+    netns: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container_id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+    ]
 }
 
 /// The plugin's entry alone as a 1.1.0 network configuration (for direct execs).
