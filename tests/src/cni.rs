@@ -12,7 +12,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{Netns, PinDir, binary, installer::InstallerDirs, random_suffix};
+use crate::{
+    Netns, PinDir, binary,
+    installer::{Installer, InstallerDirs},
+    random_suffix,
+};
 
 pub const DENIED: &str = "198.51.100.7";
 pub const ALLOWED: &str = "192.0.2.10";
@@ -67,6 +71,10 @@ pub struct CniFailure {
     pub msg: String,
 }
 
+/// What a runtime command ends with: its output, or the CNI error it reported (the outer
+/// error is the test harness failing, not the plugin).
+pub type CniResult<T> = Result<Result<T, CniFailure>>;
+
 impl std::fmt::Display for CniFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CNI error {}: {}", self.code, self.msg)
@@ -98,6 +106,19 @@ impl CniNode {
         std::fs::write(&conflist, serde_json::to_vec(&list)?)?;
         *node.extra_cni_path.lock().expect("lock") = Some(dirs.bin_dir());
         Ok((node, dirs, conflist))
+    }
+
+    /// [`Self::with_installer_dirs`] with `DENIED/32` published and an installer run
+    /// with `flags` in the node, ready (it stops when the returned [`Installer`] drops).
+    pub fn with_ready_installer(
+        primary: Primary,
+        flags: &[&str],
+    ) -> Result<(Self, InstallerDirs, PathBuf, Installer)> {
+        let (node, dirs, conflist) = Self::with_installer_dirs(primary)?;
+        dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
+        let installer = Installer::start(&dirs, Some(&node.node), flags)?;
+        installer.wait_ready()?;
+        Ok((node, dirs, conflist, installer))
     }
 
     pub fn new() -> Result<Self> {
@@ -153,6 +174,23 @@ impl CniNode {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// The runtime's CNI cache (libcni's), where an installer finds pods started
+    /// without the plugin.
+    pub fn cni_cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Starts an installer that repairs from this node's CNI cache, with no host
+    /// interfaces and `extra` flags; returns it ready.
+    pub fn repairing_installer(&self, dirs: &InstallerDirs, extra: &[&str]) -> Result<Installer> {
+        let cache = format!("--cni-cache-dir={}", self.cni_cache_dir().display());
+        let mut flags = vec!["--host-interfaces=none", cache.as_str()];
+        flags.extend_from_slice(extra);
+        let installer = Installer::start(dirs, Some(&self.node), &flags)?;
+        installer.wait_ready()?;
+        Ok(installer)
     }
 
     pub fn plugin_log(&self) -> PathBuf {
@@ -218,7 +256,7 @@ impl CniNode {
         container_id: &str,
         netns: &Path,
         args: &str,
-    ) -> Result<Result<String, CniFailure>> {
+    ) -> CniResult<String> {
         self.runtime_on(command, conflist, container_id, netns, "eth0", args)
     }
 
@@ -231,7 +269,7 @@ impl CniNode {
         netns: &Path,
         ifname: &str,
         args: &str,
-    ) -> Result<Result<String, CniFailure>> {
+    ) -> CniResult<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.node.path().display()))
             .arg(driver())
@@ -247,7 +285,7 @@ impl CniNode {
                 format!("IgnoreUnknown=1;{args}")
             })
             .env("CNI_PATH", self.cni_path())
-            .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
+            .env("CNI_CACHE_DIR", self.cni_cache_dir())
             .output()
             .context("running the CNI driver")?;
         if out.status.success() {
@@ -284,11 +322,15 @@ impl CniNode {
 
     /// A new pod namespace (not yet added).
     pub fn pod(&self) -> Result<Pod<'_>> {
-        Ok(Pod {
-            node: self,
-            ns: Some(Netns::new("edp")?),
-            container_id: format!("ctr-{}", random_suffix()),
-        })
+        self.pod_with_id(&format!("ctr-{}", random_suffix()))
+    }
+
+    /// A new pod, added through `conflist` with CNI_ARGS `args`: a CNI error fails the
+    /// test (tests that expect one call [`Pod::add`] themselves).
+    pub fn added_pod(&self, conflist: &Path, args: &str) -> Result<Pod<'_>> {
+        let pod = self.pod()?;
+        pod.add(conflist, args)?.map_err(anyhow::Error::msg)?;
+        Ok(pod)
     }
 }
 
@@ -304,6 +346,24 @@ impl Pod<'_> {
         self.ns.as_ref().expect("pod namespace was deleted")
     }
 
+    /// Waits until `installer` has repaired this pod, started without the plugin: its
+    /// packets to DENIED dropped, then the repair of `pod` (`namespace/name`) logged.
+    pub fn wait_for_repair(&self, installer: &Installer, pod: &str) -> Result<()> {
+        crate::wait_until(
+            &format!("{pod} to be filtered"),
+            std::time::Duration::from_secs(10),
+            || {
+                crate::probe::udp_through(self.ns(), &self.node.server, DENIED, ALLOWED, 1)
+                    .is_ok_and(|n| n == 0)
+            },
+        )?;
+        // The attachment takes effect a moment before the daemon records and logs it.
+        installer.wait_for_log(
+            &format!("repaired: pod {pod}"),
+            std::time::Duration::from_secs(10),
+        )
+    }
+
     fn netns_path(&self) -> PathBuf {
         match &self.ns {
             Some(ns) => ns.path(),
@@ -311,103 +371,52 @@ impl Pod<'_> {
         }
     }
 
-    pub fn add(&self, conflist: &Path, args: &str) -> Result<Result<Value, CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "add",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
-    }
-
-    pub fn check(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "check",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|_| ()))
-    }
-
-    pub fn del(&self, conflist: &Path, args: &str) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime(
-                "del",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                args,
-            )?
-            .map(|_| ()))
-    }
-
-    /// ADD with pod interface `ifname`.
-    pub fn add_on(
+    /// One runtime command on this pod's `ifname`: the plugin chain's stdout, or the
+    /// CNI error it ended with.
+    fn run_on(
         &self,
+        command: &str,
         conflist: &Path,
         ifname: &str,
         args: &str,
-    ) -> Result<Result<Value, CniFailure>> {
+    ) -> CniResult<String> {
+        self.node.runtime_on(
+            command,
+            conflist,
+            &self.container_id,
+            &self.netns_path(),
+            ifname,
+            args,
+        )
+    }
+
+    pub fn add(&self, conflist: &Path, args: &str) -> CniResult<Value> {
+        self.add_on(conflist, "eth0", args)
+    }
+
+    pub fn check(&self, conflist: &Path, args: &str) -> CniResult<()> {
+        self.check_on(conflist, "eth0", args)
+    }
+
+    pub fn del(&self, conflist: &Path, args: &str) -> CniResult<()> {
+        self.del_on(conflist, "eth0", args)
+    }
+
+    /// ADD with pod interface `ifname`.
+    pub fn add_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<Value> {
         Ok(self
-            .node
-            .runtime_on(
-                "add",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
+            .run_on("add", conflist, ifname, args)?
             .map(|out| serde_json::from_str(&out).unwrap_or(Value::Null)))
     }
 
     /// CHECK with pod interface `ifname`.
-    pub fn check_on(
-        &self,
-        conflist: &Path,
-        ifname: &str,
-        args: &str,
-    ) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime_on(
-                "check",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
-            .map(|_| ()))
+    pub fn check_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<()> {
+        Ok(self.run_on("check", conflist, ifname, args)?.map(drop))
     }
 
     /// DEL with pod interface `ifname`.
-    pub fn del_on(
-        &self,
-        conflist: &Path,
-        ifname: &str,
-        args: &str,
-    ) -> Result<Result<(), CniFailure>> {
-        Ok(self
-            .node
-            .runtime_on(
-                "del",
-                conflist,
-                &self.container_id,
-                &self.netns_path(),
-                ifname,
-                args,
-            )?
-            .map(|_| ()))
+    pub fn del_on(&self, conflist: &Path, ifname: &str, args: &str) -> CniResult<()> {
+        Ok(self.run_on("del", conflist, ifname, args)?.map(drop))
     }
 
     /// The attachment record of this pod's `ifname` (whichever network, any naming).
@@ -421,13 +430,9 @@ impl Pod<'_> {
         )?)
     }
 
-    /// Host-side veth name from the attachment record the plugin wrote.
+    /// The attachment record of this pod's `eth0`.
     pub fn record(&self) -> Result<egress_deny_datapath::records::AttachmentRecord> {
-        let state = egress_deny_datapath::paths::StateLayout::new(self.node.state_dir());
-        let path = state.attachment_record(&self.container_id, "eth0");
-        Ok(egress_deny_datapath::records::AttachmentRecord::read(
-            &path,
-        )?)
+        self.record_of("eth0")
     }
 }
 
@@ -505,6 +510,20 @@ pub fn exec_plugin(node: &CniNode, env: &[(&str, &str)], stdin: &str) -> Result<
             .with_context(|| format!("stdout is not one JSON document: {:?}", run.stdout))?
     };
     Ok((run.ok, value))
+}
+
+/// The environment of a direct exec of `command` for `container_id`'s eth0 in `netns`.
+pub fn pod_env<'a>(
+    command: &'a str,
+    container_id: &'a str,
+    netns: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container_id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+    ]
 }
 
 /// The plugin's entry alone as a 1.1.0 network configuration (for direct execs).

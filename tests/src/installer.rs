@@ -103,12 +103,12 @@ impl InstallerDirs {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `status` for this instance's dirs: (exit code, stdout).
     /// `status` for these dirs: its output (exit codes 2 and 3 are answers, not failures).
     pub fn status(&self, netns: Option<&Netns>) -> Result<String> {
         Ok(self.status_code(netns)?.1)
     }
 
+    /// `status` for this instance's dirs: (exit code, stdout).
     pub fn status_code(&self, netns: Option<&Netns>) -> Result<(i32, String)> {
         let out = installer_command(netns)
             .arg("status")
@@ -118,6 +118,32 @@ impl InstallerDirs {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
         ))
+    }
+
+    /// `lookup` of `addrs` in this instance's pinned tables; returns its output.
+    pub fn lookup(&self, netns: Option<&Netns>, addrs: &[&str]) -> Result<String> {
+        let pin_dir = format!("--pin-dir={}", self.pin_dir.display());
+        let mut args = vec!["lookup", pin_dir.as_str()];
+        args.extend_from_slice(addrs);
+        self.cli(netns, &args)
+    }
+
+    /// `run` on these dirs, listening on `listen`, with this build's plugin binary (in
+    /// `netns` or here): the flags every test daemon shares; callers add their own.
+    pub fn run_command(&self, netns: Option<&Netns>, listen: &str) -> Command {
+        let mut cmd = installer_command(netns);
+        cmd.arg("run")
+            .args(self.state_args())
+            .args(self.cni_args())
+            .arg(format!("--rules-dir={}", self.rules_dir().display()))
+            .arg(format!("--listen={listen}"))
+            .arg(format!(
+                "--plugin-binary={}",
+                binary("egress-deny").display()
+            ))
+            // Outside a cluster: no API server to talk to.
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
     }
 
     /// Writes a rules file the way kubelet updates a ConfigMap volume: a new
@@ -190,18 +216,8 @@ impl Installer {
         let port = free_port();
         let log = dirs.root.path().join(format!("installer-{port}.log"));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = installer_command(netns);
-        cmd.arg("run")
-            .args(dirs.state_args())
-            .args(dirs.cni_args())
-            .arg(format!("--rules-dir={}", dirs.rules_dir().display()))
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!(
-                "--plugin-binary={}",
-                binary("egress-deny").display()
-            ))
-            .args(extra)
-            .env_remove("KUBERNETES_SERVICE_HOST")
+        let mut cmd = dirs.run_command(netns, &format!("127.0.0.1:{port}"));
+        cmd.args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -257,6 +273,20 @@ impl Installer {
             self.http("/readyz").is_ok_and(|(code, _)| code == 200)
         })
         .inspect_err(|_| eprintln!("installer log:\n{}", self.log_text()))
+    }
+
+    /// Waits until the daemon's log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> Result<()> {
+        wait_until(&format!("{text:?} in the installer log"), timeout, || {
+            self.log_text().contains(text)
+        })
+    }
+
+    /// Waits until the daemon's /metrics contains `text`.
+    pub fn wait_for_metrics(&self, text: &str, timeout: Duration) -> Result<()> {
+        wait_until(&format!("{text:?} in /metrics"), timeout, || {
+            self.http("/metrics").is_ok_and(|(_, m)| m.contains(text))
+        })
     }
 
     /// SIGTERM and wait; returns how long it took to exit.

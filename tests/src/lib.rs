@@ -14,8 +14,26 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use egress_deny_datapath::{loader, paths::PinLayout};
+use egress_deny_datapath::{
+    loader,
+    paths::PinLayout,
+    rules::{Action, RuleTables},
+};
 use rand::Rng;
+
+/// One `#[test]` fn per case of test bodies that take the case as their argument, each
+/// named for its case: `tests_over!(body: name_a => case_a, name_b => case_b; …);`.
+#[macro_export]
+macro_rules! tests_over {
+    ($($body:ident: $($name:ident => $case:expr),+ $(,)?);+ $(;)?) => {
+        $($(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $body($case)
+            }
+        )+)+
+    };
+}
 
 /// A short random suffix for names (interface names are limited to 15 bytes).
 pub fn random_suffix() -> String {
@@ -73,6 +91,15 @@ impl PinDir {
     pub fn root(&self) -> &Path {
         self.layout.root()
     }
+
+    /// This pin dir's rule tables, with every prefix of `denied` added as a deny rule.
+    pub fn deny(&self, denied: &[&str]) -> Result<RuleTables> {
+        let tables = RuleTables::open(&self.layout)?;
+        for prefix in denied {
+            tables.insert(prefix.parse()?, Action::Deny)?;
+        }
+        Ok(tables)
+    }
 }
 
 impl Drop for PinDir {
@@ -106,6 +133,12 @@ impl Netns {
     pub fn ip(&self, args: &str) -> Result<String> {
         let args: Vec<&str> = args.split_whitespace().collect();
         self.exec("ip", &args)
+    }
+
+    /// [`open_tun`] inside this namespace.
+    pub fn open_tun(&self, name: &str, link_type: Option<u16>) -> Result<std::fs::File> {
+        let _inside = egress_deny_datapath::netns::NetnsGuard::enter(&self.path())?;
+        open_tun(name, link_type)
     }
 }
 

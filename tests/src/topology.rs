@@ -3,9 +3,14 @@
 //! its loopback, so whatever the kernel delivers as IP reaches a socket there.
 use std::net::IpAddr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use egress_deny_datapath::{
+    attach::{self, AttachMode, AttachRequest, Attachment, Hook},
+    iface,
+    netns::NetnsGuard,
+};
 
-use crate::Netns;
+use crate::{Netns, PinDir};
 
 pub struct PodHost {
     pub pod: Netns,
@@ -53,6 +58,32 @@ impl PodHost {
             host,
             host_veth,
         })
+    }
+}
+
+impl PodHost {
+    /// Attaches `pins`' program to the host side's tc ingress (where the pod's packets
+    /// enter the host), as the plugin does.
+    pub fn attach_host_side(&self, pins: &PinDir, mode: AttachMode) -> Result<Attachment> {
+        let _guard = NetnsGuard::enter(&self.host.path())?;
+        let link_pin = pins.layout.host_link(&self.host_veth);
+        attach::attach(
+            &pins.layout,
+            &AttachRequest {
+                ifname: &self.host_veth,
+                hook: Hook::Ingress,
+                link_pin: &link_pin,
+                mode,
+                exempt: false,
+            },
+        )
+        .context("attach")
+    }
+
+    /// The host side's ifindex (the key of its counters).
+    pub fn host_ifindex(&self) -> Result<u32> {
+        let _guard = NetnsGuard::enter(&self.host.path())?;
+        Ok(iface::ifindex(&self.host_veth)?)
     }
 }
 

@@ -5,22 +5,24 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use egress_deny_datapath::{
-    attach::{pinned_link_state, pinned_program},
+    attach::{LinkState, pinned_link_state, pinned_program},
     paths::{ProgramKind, V4_TABLE_MAP},
 };
 use egress_deny_tests::{
-    cni::{ALLOWED, CniNode, DENIED, Primary},
+    cni::{ALLOWED, CniNode, DENIED, Pod, Primary},
     installer::{Installer, InstallerDirs},
     probe::{ping, udp_through},
     require_root, run, wait_until,
 };
 
-/// Pins a new v4 table map at `path`, where the old one's pin was removed: what another
-/// version (`Compatible::No`: a plain array) or a daemon killed right after creating the
+/// Removes the v4 table map's pin and pins a new map there: what another version
+/// (`Compatible::No`: a plain array) or a daemon killed right after creating the
 /// replacement (`Compatible::Yes`: an empty outer map of this version's shape) leaves
-/// behind.
-fn pin_v4_map_in_place_of(path: &std::path::Path, compatible: Compatible) -> Result<()> {
-    let path = path.display().to_string();
+/// behind. Programs using the old map keep it (the kernel holds it).
+fn replace_pinned_v4_map(dirs: &InstallerDirs, compatible: Compatible) -> Result<()> {
+    let pin = dirs.layout().map(V4_TABLE_MAP);
+    std::fs::remove_file(&pin)?;
+    let path = pin.display().to_string();
     let map = |args: &[&str]| -> Result<()> {
         let mut all = vec!["map", "create"];
         all.extend_from_slice(args);
@@ -70,6 +72,49 @@ fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
     Ok(pinned_program(&dirs.layout(), ProgramKind::Ethernet)?.1)
 }
 
+/// The link that attaches `pod`'s eth0.
+fn pod_link(dirs: &InstallerDirs, pod: &Pod) -> Result<LinkState> {
+    pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))?.context("pod link")
+}
+
+/// Waits for `installer` to be ready on a program other than `previous` and for `pod`'s
+/// link to move to it; returns that program.
+fn wait_for_the_pod_on_a_new_program(
+    installer: &Installer,
+    dirs: &InstallerDirs,
+    pod: &Pod,
+    previous: u32,
+) -> Result<u32> {
+    installer.wait_ready()?;
+    let now = program_in_use(dirs)?;
+    assert_ne!(now, previous);
+    wait_until(
+        "the pod on the new program",
+        Duration::from_secs(10),
+        || pod_link(dirs, pod).is_ok_and(|l| l.prog_id == now),
+    )?;
+    Ok(now)
+}
+
+/// Stops `installer`, replaces the pinned v4 map (see [`replace_pinned_v4_map`]),
+/// publishes the broken `rules` and starts another daemon with `flags`: returned once it
+/// has rejected them.
+fn restart_over_a_replaced_map_with_broken_rules(
+    node: &CniNode,
+    dirs: &InstallerDirs,
+    installer: Installer,
+    compatible: Compatible,
+    rules: &[u8],
+    flags: &[&str],
+) -> Result<Installer> {
+    installer.stop()?;
+    replace_pinned_v4_map(dirs, compatible)?;
+    dirs.publish_rules(&[("rules", rules)])?;
+    let installer = Installer::start(dirs, Some(&node.node), flags)?;
+    installer.wait_for_log("update rejected", Duration::from_secs(20))?;
+    Ok(installer)
+}
+
 /// Another egress-deny version left a v4 rule map of another definition pinned, and
 /// the rules the new daemon finds are broken: before the fix the pods were moved to a
 /// program reading the new, empty map and stayed unfiltered for as long as the rules
@@ -77,25 +122,19 @@ fn program_in_use(dirs: &InstallerDirs) -> Result<u32> {
 #[test]
 fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (node, dirs, conflist, installer) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=up0"])?;
+    let pod = node.added_pod(&conflist, "")?;
     assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
     let old_program = program_in_use(&dirs)?;
-    installer.stop()?;
-
-    // The old program keeps its map (the kernel holds it); the pin now names another.
-    let v4 = dirs.layout().map(V4_TABLE_MAP);
-    std::fs::remove_file(&v4)?;
-    pin_v4_map_in_place_of(&v4, Compatible::No)?;
-    dirs.publish_rules(&[("rules", b"198.51.100.0/33\n")])?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    wait_until("the broken rules rejected", Duration::from_secs(20), || {
-        installer.log_text().contains("update rejected")
-    })?;
+    let installer = restart_over_a_replaced_map_with_broken_rules(
+        &node,
+        &dirs,
+        installer,
+        Compatible::No,
+        b"198.51.100.0/33\n",
+        &["--host-interfaces=up0"],
+    )?;
     assert!(
         installer
             .log_text()
@@ -129,19 +168,7 @@ fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> 
 
     // Valid rules: the new maps are filled, then every attachment moves, still filtered.
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    installer.wait_ready()?;
-    let new_program = program_in_use(&dirs)?;
-    assert_ne!(new_program, old_program);
-    wait_until(
-        "the pod moved to the new program",
-        Duration::from_secs(10),
-        || {
-            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))
-                .ok()
-                .flatten()
-                .is_some_and(|l| l.prog_id == new_program)
-        },
-    )?;
+    wait_for_the_pod_on_a_new_program(&installer, &dirs, &pod, old_program)?;
     assert!(!dirs.layout().staged_program(ProgramKind::Ethernet).exists());
     assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
     assert_eq!(udp_through(pod.ns(), &node.server, ALLOWED, ALLOWED, 3)?, 3);
@@ -154,25 +181,20 @@ fn an_upgrade_that_replaces_a_rule_map_keeps_every_pod_filtered() -> Result<()> 
 #[test]
 fn a_restart_in_the_middle_of_an_upgrade_stays_staged() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (node, dirs, conflist, installer) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=none"])?;
+    let pod = node.added_pod(&conflist, "")?;
     let old_program = program_in_use(&dirs)?;
-    installer.stop()?;
-
-    let v4 = dirs.layout().map(V4_TABLE_MAP);
-    std::fs::remove_file(&v4)?;
     // Compatible with this version, but empty: what a daemon killed right after
     // creating the replacement leaves behind.
-    pin_v4_map_in_place_of(&v4, Compatible::Yes)?;
-    dirs.publish_rules(&[("rules", b"not a rule\n")])?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
-    wait_until("the broken rules rejected", Duration::from_secs(20), || {
-        installer.log_text().contains("update rejected")
-    })?;
+    let installer = restart_over_a_replaced_map_with_broken_rules(
+        &node,
+        &dirs,
+        installer,
+        Compatible::Yes,
+        b"not a rule\n",
+        &["--host-interfaces=none"],
+    )?;
     assert!(installer.log_text().contains("reusing the pinned map"));
     assert_eq!(program_in_use(&dirs)?, old_program, "moved before filled");
     assert_eq!(
@@ -198,11 +220,7 @@ fn a_missing_rules_directory_is_an_error_that_keeps_the_enforced_rules() -> Resu
     let rules = dirs.rules_dir();
     std::fs::remove_dir(&rules)?;
     let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
-    wait_until(
-        "the missing directory reported",
-        Duration::from_secs(20),
-        || installer.log_text().contains("does not exist"),
-    )?;
+    installer.wait_for_log("does not exist", Duration::from_secs(20))?;
     let (code, body) = installer.http("/readyz")?;
     assert_ne!(code, 200, "ready without rules: {body}");
     let pod = node.pod()?;
@@ -220,32 +238,16 @@ fn a_missing_rules_directory_is_an_error_that_keeps_the_enforced_rules() -> Resu
     installer.wait_ready()?;
     // (The refused pod's sandbox keeps the bridge's veth, as a runtime's would until
     // its DEL: a new sandbox.)
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
     std::fs::rename(&rules, dirs.root.path().join("rules-unmounted"))?;
-    wait_until(
-        "the missing directory reported",
-        Duration::from_secs(20),
-        || {
-            installer
-                .log_text()
-                .contains("the rules enforced before stay")
-        },
-    )?;
+    installer.wait_for_log("the rules enforced before stay", Duration::from_secs(20))?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         0,
         "a missing rules directory removed the enforced rules"
     );
-    let lookup = dirs.cli(
-        Some(&node.node),
-        &[
-            "lookup",
-            &format!("--pin-dir={}", dirs.pin_dir.display()),
-            DENIED,
-        ],
-    )?;
+    let lookup = dirs.lookup(Some(&node.node), &[DENIED])?;
     assert!(lookup.contains(" deny "), "{lookup}");
 
     // An existing, empty directory: a valid empty list.
@@ -268,6 +270,26 @@ fn peak_rss_mib(pid: u32) -> Result<u64> {
     Ok(kib / 1024)
 }
 
+/// What every limit guarantees: on a node enforcing DENIED/32 with a pod, its daemon
+/// run with `limit`, an update of DENIED/32 plus the file `key` holding `feed` is
+/// rejected whole (the log names `rejection`); `check` looks at what the daemon left,
+/// and the pod stays filtered.
+fn an_update_over_a_limit_is_rejected_whole(
+    limit: &str,
+    (key, feed): (&str, &[u8]),
+    rejection: &str,
+    check: impl FnOnce(&CniNode, &InstallerDirs, &Installer) -> Result<()>,
+) -> Result<()> {
+    let (node, dirs, conflist, installer) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=none", limit])?;
+    let pod = node.added_pod(&conflist, "")?;
+    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes()), (key, feed)])?;
+    installer.wait_for_log(rejection, Duration::from_secs(60))?;
+    check(&node, &dirs, &installer)?;
+    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
+    Ok(())
+}
+
 /// A ConfigMap key of a few hundred KiB that decompresses to 400 MB of one repeated
 /// line: rejected whole by the byte limit, with bounded memory, the rules enforced
 /// before stay. Before the limits the daemon held every line's entry (and in a
@@ -275,17 +297,6 @@ fn peak_rss_mib(pid: u32) -> Result<u64> {
 #[test]
 fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(
-        &dirs,
-        Some(&node.node),
-        &["--host-interfaces=none", "--max-rules-bytes=100000000"],
-    )?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
-
     let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let chunk = "10.1.2.3\n".repeat(1 << 16);
     for _ in 0..(400_000_000 / chunk.len()) {
@@ -293,20 +304,19 @@ fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
     }
     let bomb = bomb.finish()?;
     assert!(bomb.len() < 2 << 20, "{} bytes compressed", bomb.len());
-    dirs.publish_rules(&[
-        ("rules", format!("{DENIED}/32\n").as_bytes()),
+    an_update_over_a_limit_is_rejected_whole(
+        "--max-rules-bytes=100000000",
         ("feed.gz", &bomb),
-    ])?;
-    wait_until("the bomb rejected", Duration::from_secs(60), || {
-        installer.log_text().contains("--max-rules-bytes")
-    })?;
-    let peak = peak_rss_mib(installer.pid())?;
-    eprintln!("daemon peak RSS after the rejected bomb: {peak} MiB");
-    assert!(peak < 200, "peak RSS {peak} MiB");
-    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
-    let status = dirs.status(Some(&node.node))?;
-    assert!(status.contains("--max-rules-bytes"), "{status}");
-    Ok(())
+        "--max-rules-bytes",
+        |node, dirs, installer| {
+            let peak = peak_rss_mib(installer.pid())?;
+            eprintln!("daemon peak RSS after the rejected bomb: {peak} MiB");
+            assert!(peak < 200, "peak RSS {peak} MiB");
+            let status = dirs.status(Some(&node.node))?;
+            assert!(status.contains("--max-rules-bytes"), "{status}");
+            Ok(())
+        },
+    )
 }
 
 /// More rules than the configured table budget (`--max-table-bytes`; the daemon's
@@ -315,45 +325,25 @@ fn a_gzip_bomb_is_rejected_whole_with_bounded_memory() -> Result<()> {
 #[test]
 fn an_update_over_the_table_budget_is_rejected_before_touching_the_tables() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(
-        &dirs,
-        Some(&node.node),
-        &["--host-interfaces=none", "--max-table-bytes=4194304"],
-    )?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
-
     // 500k addresses two apart: a million ranges, about 8 MiB of table.
     let mut feed = String::with_capacity(8 << 20);
     for i in 0..500_000u32 {
         let [_, b, c, d] = (i * 2).to_be_bytes();
         feed.push_str(&format!("11.{b}.{c}.{d}\n"));
     }
-    dirs.publish_rules(&[
-        ("rules", format!("{DENIED}/32\n").as_bytes()),
+    an_update_over_a_limit_is_rejected_whole(
+        "--max-table-bytes=4194304",
         ("feed", feed.as_bytes()),
-    ])?;
-    wait_until("the update rejected", Duration::from_secs(60), || {
-        installer.log_text().contains("over --max-table-bytes")
-    })?;
-    let lookup = dirs.cli(
-        Some(&node.node),
-        &[
-            "lookup",
-            &format!("--pin-dir={}", dirs.pin_dir.display()),
-            "11.0.0.2",
-            DENIED,
-        ],
-    )?;
-    assert!(
-        lookup.contains("11.0.0.2 allow"),
-        "tables touched: {lookup}"
-    );
-    assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?, 0);
-    Ok(())
+        "over --max-table-bytes",
+        |node, dirs, _| {
+            let lookup = dirs.lookup(Some(&node.node), &["11.0.0.2", DENIED])?;
+            assert!(
+                lookup.contains("11.0.0.2 allow"),
+                "tables touched: {lookup}"
+            );
+            Ok(())
+        },
+    )
 }
 
 /// 1M rules with `extra` first: a 198.51.100.x prefix covering DENIED in every version,
@@ -388,18 +378,10 @@ fn kill_9_during_million_rule_syncs_leaks_nothing_and_converges() -> Result<()> 
     dirs.publish_rules(&[("feed", version_rules(0).as_bytes())])?;
     let mut installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
     installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     let flood = egress_deny_tests::probe::Flood::start(pod.ns(), &node.server, DENIED)?;
     let lookup_marker = |v: u32| -> Result<bool> {
-        let out = dirs.cli(
-            Some(&node.node),
-            &[
-                "lookup",
-                &format!("--pin-dir={}", dirs.pin_dir.display()),
-                &format!("203.0.113.{v}"),
-            ],
-        )?;
+        let out = dirs.lookup(Some(&node.node), &[&format!("203.0.113.{v}")])?;
         Ok(out.contains(" deny "))
     };
     let mut rng_state = 0x9e37_79b9_u64;
@@ -471,12 +453,9 @@ fn pass_all_program() -> Result<std::os::fd::OwnedFd> {
 fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
     use std::os::fd::AsFd;
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=none"])?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (node, dirs, conflist, installer) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=none"])?;
+    let pod = node.added_pod(&conflist, "")?;
     assert_eq!(udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
     let record = egress_deny_datapath::records::AttachmentRecord::read(
         &egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
@@ -490,13 +469,7 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
         let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
         egress_deny_datapath::sys::tcx_link_create(pass.as_fd(), record.host_ifindex, ingress)?
     };
-    let ours = || -> Result<u32> {
-        Ok(
-            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))?
-                .context("our link")?
-                .id,
-        )
-    };
+    let ours = || -> Result<u32> { Ok(pod_link(&dirs, &pod)?.id) };
     let first_on_hook = || -> Result<u32> {
         let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
         let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
@@ -522,18 +495,14 @@ fn a_program_attached_ahead_of_ours_is_put_behind_it_again() -> Result<()> {
         "denied packets pass while another program runs ahead of ours"
     );
     // Counted just after the re-order takes effect.
-    wait_until("the repair counted", Duration::from_secs(5), || {
-        installer
-            .http("/metrics")
-            .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
-    })?;
+    installer.wait_for_metrics(
+        "egress_deny_attachment_repairs_total 1",
+        Duration::from_secs(5),
+    )?;
     // The log line is written by the daemon's logger, possibly after the metric moved.
-    wait_until("the repair logged", Duration::from_secs(5), || {
-        installer
-            .log_text()
-            .contains("attached ahead of egress-deny")
-    })
-    .inspect_err(|_| eprintln!("{}", installer.log_text()))?;
+    installer
+        .wait_for_log("attached ahead of egress-deny", Duration::from_secs(5))
+        .inspect_err(|_| eprintln!("{}", installer.log_text()))?;
     // The other component's program stays attached, behind ours.
     let _in_node = egress_deny_datapath::netns::NetnsGuard::enter(&node.node.path())?;
     let chain = egress_deny_datapath::sys::tcx_query(record.host_ifindex, ingress)?;
@@ -553,18 +522,14 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
     let ns = egress_deny_tests::Netns::new("edib")?;
     let dirs = InstallerDirs::with_placeholder_primary()?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let _tun = {
-        let _in_ns = egress_deny_datapath::netns::NetnsGuard::enter(&ns.path())?;
-        egress_deny_tests::open_tun("ib0", Some(ARPHRD_INFINIBAND))?
-    };
+    let _tun = ns.open_tun("ib0", Some(ARPHRD_INFINIBAND))?;
     ns.ip("link set ib0 up")?;
     let installer = Installer::start(&dirs, Some(&ns), &["--host-interfaces=ib0"])?;
     installer.wait_ready()?;
-    wait_until("ib0 reported unfiltered", Duration::from_secs(10), || {
-        installer
-            .http("/metrics")
-            .is_ok_and(|(_, m)| m.contains("egress_deny_host_interfaces_unfiltered 1"))
-    })?;
+    installer.wait_for_metrics(
+        "egress_deny_host_interfaces_unfiltered 1",
+        Duration::from_secs(10),
+    )?;
     assert!(!dirs.layout().host_link("ib0").exists(), "attached anyway");
     let status = dirs.status(Some(&ns))?;
     assert!(
@@ -582,47 +547,20 @@ fn a_host_interface_with_an_unparsable_header_is_refused_and_reported() -> Resul
 #[test]
 fn program_upgrades_and_a_map_replacement_under_a_flood_leak_nothing() -> Result<()> {
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let mut installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    installer.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (node, dirs, conflist, mut installer) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=up0"])?;
+    let pod = node.added_pod(&conflist, "")?;
     let flood = egress_deny_tests::probe::Flood::start(pod.ns(), &node.server, DENIED)?;
-    let link_program = || -> Result<u32> {
-        Ok(
-            pinned_link_state(&dirs.layout().pod_link(&pod.container_id, "eth0"))?
-                .context("pod link")?
-                .prog_id,
-        )
-    };
-    let mut previous = link_program()?;
-    for _ in 0..3 {
+    let mut previous = pod_link(&dirs, &pod)?.prog_id;
+    // Three plain restarts, then one over a replaced map (staged, filled, promoted).
+    for replace_map in [false, false, false, true] {
         installer.stop()?;
+        if replace_map {
+            replace_pinned_v4_map(&dirs, Compatible::No)?;
+        }
         installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-        installer.wait_ready()?;
-        let now = program_in_use(&dirs)?;
-        assert_ne!(now, previous);
-        wait_until(
-            "the pod on the new program",
-            Duration::from_secs(10),
-            || link_program().is_ok_and(|p| p == now),
-        )?;
-        previous = now;
+        previous = wait_for_the_pod_on_a_new_program(&installer, &dirs, &pod, previous)?;
     }
-    installer.stop()?;
-    let v4 = dirs.layout().map(V4_TABLE_MAP);
-    std::fs::remove_file(&v4)?;
-    pin_v4_map_in_place_of(&v4, Compatible::No)?;
-    let installer = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    installer.wait_ready()?;
-    let now = program_in_use(&dirs)?;
-    assert_ne!(now, previous);
-    wait_until(
-        "the pod on the promoted program",
-        Duration::from_secs(10),
-        || link_program().is_ok_and(|p| p == now),
-    )?;
     let (sent, arrived) = flood.finish();
     eprintln!(
         "upgrades under a flood: {sent} packets sent to a denied destination, {arrived} arrived"
@@ -721,11 +659,10 @@ fn cls_bpf_host_attachments_are_reported_followed_and_uninstalled() -> Result<()
     wait_until("the filter restored", Duration::from_secs(10), || {
         filtered("up1")
     })?;
-    wait_until("the repair counted", Duration::from_secs(5), || {
-        installer
-            .http("/metrics")
-            .is_ok_and(|(_, m)| m.contains("egress_deny_attachment_repairs_total 1"))
-    })?;
+    installer.wait_for_metrics(
+        "egress_deny_attachment_repairs_total 1",
+        Duration::from_secs(5),
+    )?;
     assert!(installer.log_text().contains(
         "was gone (filter or clsact deleted); attached again (on a link/tc notification)"
     ));

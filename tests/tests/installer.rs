@@ -260,11 +260,7 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
         ("threats", b"203.0.113.0/24\n192.0.2.0/24\n10.1.2.3/8\n"),
         ("more.gz", &gzip("")),
     ])?;
-    wait_until("rejection reported", Duration::from_secs(10), || {
-        installer
-            .http("/metrics")
-            .is_ok_and(|(_, m)| m.contains("egress_deny_sync_errors_total 1"))
-    })?;
+    installer.wait_for_metrics("egress_deny_sync_errors_total 1", Duration::from_secs(10))?;
     assert_eq!(
         lookup(&dirs, &addrs)?,
         expect,
@@ -288,11 +284,7 @@ fn rules_sync_lookup_status_metrics_and_rejected_updates() -> Result<()> {
         ("threats", b"192.0.2.0/24\n!192.0.2.0/24\n"),
         ("more.gz", &gzip("")),
     ])?;
-    wait_until("second rejection", Duration::from_secs(10), || {
-        installer
-            .http("/metrics")
-            .is_ok_and(|(_, m)| m.contains("egress_deny_sync_errors_total 2"))
-    })?;
+    installer.wait_for_metrics("egress_deny_sync_errors_total 2", Duration::from_secs(10))?;
     assert_eq!(lookup(&dirs, &addrs)?, expect);
 
     // A good update applies as a diff.
@@ -314,9 +306,7 @@ fn pods_and_host_follow_the_rules_across_bad_updates_and_restarts() -> Result<()
     installer.wait_ready()?;
 
     let conflist = dirs.conf_dir().join("10-bridge.conflist");
-    let pod = node.pod()?;
-    pod.add(&conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1")?
-        .map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1")?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?,
         3,
@@ -359,9 +349,7 @@ fn pods_and_host_follow_the_rules_across_bad_updates_and_restarts() -> Result<()
 
     // A bad update keeps the old set: still dropped.
     dirs.publish_rules(&[("rules", b"198.51.100.0/33\n")])?;
-    wait_until("rejection", Duration::from_secs(10), || {
-        installer.log_text().contains("update rejected")
-    })?;
+    installer.wait_for_log("update rejected", Duration::from_secs(10))?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         0,

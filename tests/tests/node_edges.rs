@@ -6,7 +6,7 @@ use std::{
     net::{Shutdown, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -16,7 +16,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use egress_deny_tests::{
-    binary,
     installer::{Installer, InstallerDirs},
     require_root, wait_until,
 };
@@ -405,18 +404,9 @@ struct RawInstaller {
 impl RawInstaller {
     fn start(dirs: &InstallerDirs, listen: &str) -> Result<Self> {
         let log = dirs.root.path().join("installer-raw.log");
-        let child = Command::new(binary("egress-deny-installer"))
-            .arg("run")
-            .args(dirs.state_args())
-            .args(dirs.cni_args())
-            .arg(format!("--rules-dir={}", dirs.rules_dir().display()))
-            .arg(format!("--listen={listen}"))
-            .arg(format!(
-                "--plugin-binary={}",
-                binary("egress-deny").display()
-            ))
+        let child = dirs
+            .run_command(None, listen)
             .arg("--host-interfaces=none")
-            .env_remove("KUBERNETES_SERVICE_HOST")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

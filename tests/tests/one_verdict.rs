@@ -9,7 +9,7 @@ use egress_deny_tests::{
     cni::{ALLOWED, CniNode, DENIED, Primary, hand_made_pod},
     installer::{Installer, InstallerDirs},
     probe::{ping, udp_through},
-    require_root, wait_until,
+    require_root, tests_over, wait_until,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -25,12 +25,9 @@ struct Node {
 /// A node with `primary`, `excluded` as excluded namespaces, DENIED denied and the
 /// uplink up0 filtered (as `auto` would pick it on a real node).
 fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(primary)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     let mut flags = vec!["--host-interfaces=up0", "--exclude-namespaces=kube-system"];
     flags.extend_from_slice(extra_flags);
-    let installer = Installer::start(&dirs, Some(&node.node), &flags)?;
-    installer.wait_ready()?;
+    let (node, dirs, conflist, installer) = CniNode::with_ready_installer(primary, &flags)?;
     Ok(Node {
         node,
         dirs,
@@ -40,6 +37,12 @@ fn node(primary: Primary, extra_flags: &[&str]) -> Result<Node> {
 }
 
 impl Node {
+    /// Adds `rule` (`iptables` arguments) in the node.
+    fn iptables(&self, rule: &str) -> Result<()> {
+        let args: Vec<&str> = rule.split_whitespace().collect();
+        self.node.node.exec("iptables", &args).map(drop)
+    }
+
     fn uplink_counters(&self) -> Result<egress_deny_common::Counters> {
         let ifindex: u32 = self
             .node
@@ -57,9 +60,9 @@ impl Node {
 fn one_lookup_per_forwarded_packet(primary: Primary) -> Result<()> {
     require_root();
     let n = node(primary, &["--trust-pod-verdicts"])?;
-    let pod = n.node.pod()?;
-    pod.add(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?
-        .map_err(anyhow::Error::msg)?;
+    let pod = n
+        .node
+        .added_pod(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?;
     assert_eq!(
         udp_through(pod.ns(), &n.node.server, DENIED, ALLOWED, 3)?,
         0
@@ -102,16 +105,6 @@ fn one_lookup_per_forwarded_packet(primary: Primary) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn bridge_pod_packets_are_judged_once() -> Result<()> {
-    one_lookup_per_forwarded_packet(Primary::Bridge)
-}
-
-#[test]
-fn ptp_pod_packets_are_judged_once() -> Result<()> {
-    one_lookup_per_forwarded_packet(Primary::Ptp)
-}
-
 /// Forwarded traffic from a source we did not attach (a pod whose attachment is
 /// missing, a secondary network that does not chain us, a VM routed through the node)
 /// carries no mark: the uplink judges it.
@@ -147,21 +140,8 @@ fn traffic_from_an_unattached_source_is_judged_at_the_uplink() -> Result<()> {
 fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<()> {
     require_root();
     let n = node(Primary::Bridge, &["--trust-pod-verdicts"])?;
-    n.node.node.exec(
-        "iptables",
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "FORWARD",
-            "-j",
-            "MARK",
-            "--or-mark",
-            "0x4000",
-        ],
-    )?;
-    let pod = n.node.pod()?;
-    pod.add(&n.conflist, "")?.map_err(anyhow::Error::msg)?;
+    n.iptables("-t mangle -A FORWARD -j MARK --or-mark 0x4000")?;
+    let pod = n.node.added_pod(&n.conflist, "")?;
     let before = n.uplink_counters()?;
     assert_eq!(
         udp_through(pod.ns(), &n.node.server, ALLOWED, ALLOWED, 50)?,
@@ -174,19 +154,7 @@ fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<(
         0
     );
 
-    n.node.node.exec(
-        "iptables",
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "FORWARD",
-            "-j",
-            "MARK",
-            "--set-mark",
-            "0",
-        ],
-    )?;
+    n.iptables("-t mangle -A FORWARD -j MARK --set-mark 0")?;
     let before = n.uplink_counters()?;
     assert_eq!(
         udp_through(pod.ns(), &n.node.server, ALLOWED, ALLOWED, 50)?,
@@ -203,23 +171,19 @@ fn other_components_marks_neither_open_a_path_nor_break_one_lookup() -> Result<(
     );
     Ok(())
 }
+/// CNI_ARGS of a pod in the excluded namespace.
+const EXEMPT_POD: &str = "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns";
+
 /// A pod in an excluded namespace reaches a denied address off the node (its veth gets
 /// the exempt program, which marks without judging); a filtered pod on the same node
 /// stays filtered.
 fn excluded_pods_are_exempt_off_the_node(primary: Primary) -> Result<()> {
     require_root();
     let n = node(primary, &[])?;
-    let exempt = n.node.pod()?;
-    exempt
-        .add(
-            &n.conflist,
-            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
-        )?
-        .map_err(anyhow::Error::msg)?;
-    let filtered = n.node.pod()?;
-    filtered
-        .add(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?
-        .map_err(anyhow::Error::msg)?;
+    let exempt = n.node.added_pod(&n.conflist, EXEMPT_POD)?;
+    let filtered = n
+        .node
+        .added_pod(&n.conflist, "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart")?;
     wait_until("the exempt pod out", Duration::from_secs(5), || {
         udp_through(exempt.ns(), &n.node.server, DENIED, ALLOWED, 3).is_ok_and(|n| n == 3)
     })
@@ -231,10 +195,7 @@ fn excluded_pods_are_exempt_off_the_node(primary: Primary) -> Result<()> {
     assert!(!ping(&n.node.node, DENIED));
     // DEL removes the exempt attachment like any other.
     exempt
-        .del(
-            &n.conflist,
-            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
-        )?
+        .del(&n.conflist, EXEMPT_POD)?
         .map_err(anyhow::Error::msg)?;
     assert!(
         !n.dirs
@@ -246,15 +207,15 @@ fn excluded_pods_are_exempt_off_the_node(primary: Primary) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn excluded_pods_are_exempt_off_the_node_bridge() -> Result<()> {
-    excluded_pods_are_exempt_off_the_node(Primary::Bridge)
-}
-
-#[test]
-fn excluded_pods_are_exempt_off_the_node_ptp() -> Result<()> {
-    excluded_pods_are_exempt_off_the_node(Primary::Ptp)
-}
+// The tests above, once per primary plugin.
+tests_over!(
+    one_lookup_per_forwarded_packet:
+        bridge_pod_packets_are_judged_once => Primary::Bridge,
+        ptp_pod_packets_are_judged_once => Primary::Ptp;
+    excluded_pods_are_exempt_off_the_node:
+        excluded_pods_are_exempt_off_the_node_bridge => Primary::Bridge,
+        excluded_pods_are_exempt_off_the_node_ptp => Primary::Ptp;
+);
 
 /// NAT64 on an IPv6-only path: a pod (dual-stack bridge network through the real
 /// runtime) sends to `64:ff9b::198.51.100.7`, which only the IPv4 rule
@@ -287,8 +248,7 @@ fn nat64_destinations_follow_the_ipv4_rules_through_a_real_runtime() -> Result<(
         Duration::from_secs(10),
         || std::fs::read_to_string(&conflist).is_ok_and(|c| c.contains("egress-deny")),
     )?;
-    let pod = n.node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = n.node.added_pod(&conflist, "")?;
     let (allowed, denied) = ("64:ff9b::c000:20a", "64:ff9b::c633:6407");
     // The bridge's IPv6 gateway address may still be tentative (DAD) at first.
     wait_until("IPv6 through the bridge", Duration::from_secs(10), || {
@@ -299,14 +259,7 @@ fn nat64_destinations_follow_the_ipv4_rules_through_a_real_runtime() -> Result<(
         0,
         "an IPv4-denied address reached through NAT64"
     );
-    let lookup = n.dirs.cli(
-        Some(&n.node.node),
-        &[
-            "lookup",
-            &format!("--pin-dir={}", n.dirs.pin_dir.display()),
-            denied,
-        ],
-    )?;
+    let lookup = n.dirs.lookup(Some(&n.node.node), &[denied])?;
     assert!(
         lookup.starts_with(&format!("{denied} deny {DENIED}/32"))
             && lookup.contains("through the NAT64 prefix 64:ff9b::/96"),
@@ -330,25 +283,10 @@ fn a_service_dnat_to_a_denied_endpoint_is_judged_at_the_uplink() -> Result<()> {
             &[]
         };
         let n = node(Primary::Bridge, flags)?;
-        n.node.node.exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                "10.96.0.10",
-                "-p",
-                "udp",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                DENIED,
-            ],
-        )?;
-        let pod = n.node.pod()?;
-        pod.add(&n.conflist, "")?.map_err(anyhow::Error::msg)?;
+        n.iptables(&format!(
+            "-t nat -A PREROUTING -d 10.96.0.10 -p udp -j DNAT --to-destination {DENIED}"
+        ))?;
+        let pod = n.node.added_pod(&n.conflist, "")?;
         assert_eq!(
             udp_through(pod.ns(), &n.node.server, "10.96.0.10", ALLOWED, 3)?,
             expect,

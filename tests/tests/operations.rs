@@ -21,9 +21,7 @@ fn a_pod_started_before_the_installer_is_repaired_without_a_restart() -> Result<
     let primary = json!({ "cniVersion": "1.0.0", "name": "k8s", "plugins": [node.primary_conf(Primary::Bridge)] });
     let conflist = dirs.conf_dir().join("10-bridge.conflist");
     std::fs::write(&conflist, serde_json::to_vec(&primary)?)?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "K8S_POD_NAMESPACE=legacy;K8S_POD_NAME=old-1")?
-        .map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "K8S_POD_NAMESPACE=legacy;K8S_POD_NAME=old-1")?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 3)?,
@@ -32,25 +30,8 @@ fn a_pod_started_before_the_installer_is_repaired_without_a_restart() -> Result<
     );
 
     // The runtime's CNI cache (libcni) is where the installer finds it.
-    let cache = node.dir.path().join("cache");
-    let installer = Installer::start(
-        &dirs,
-        Some(&node.node),
-        &[
-            "--host-interfaces=none",
-            &format!("--cni-cache-dir={}", cache.display()),
-        ],
-    )?;
-    installer.wait_ready()?;
-    wait_until(
-        "the old pod to be filtered",
-        Duration::from_secs(10),
-        || udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 1).is_ok_and(|n| n == 0),
-    )?;
-    // The attachment takes effect a moment before the daemon records and logs it.
-    wait_until("the repair to be logged", Duration::from_secs(10), || {
-        installer.log_text().contains("repaired: pod legacy/old-1")
-    })?;
+    let installer = node.repairing_installer(&dirs, &[])?;
+    pod.wait_for_repair(&installer, "legacy/old-1")?;
     let (_, metrics) = installer.http("/metrics")?;
     assert!(
         metrics.contains("pod=\"old-1\""),
@@ -131,18 +112,11 @@ fn host_interfaces_follow_the_default_route() -> Result<()> {
 #[test]
 fn a_flood_of_denied_packets_gives_bounded_log_output_and_exact_counts() -> Result<()> {
     require_root();
-    let (node, dirs, _) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let installer = Installer::start(
-        &dirs,
-        Some(&node.node),
+    let (node, _dirs, conflist, installer) = CniNode::with_ready_installer(
+        Primary::Bridge,
         &["--host-interfaces=none", "--deny-events-per-second=5"],
     )?;
-    installer.wait_ready()?;
-    let conflist = dirs.conf_dir().join("10-bridge.conflist");
-    let pod = node.pod()?;
-    pod.add(&conflist, "K8S_POD_NAMESPACE=x;K8S_POD_NAME=flood")?
-        .map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "K8S_POD_NAMESPACE=x;K8S_POD_NAME=flood")?;
 
     let sender = bind_in(pod.ns(), "0.0.0.0:0")?;
     let flood = 20_000;
@@ -175,9 +149,7 @@ fn a_flood_of_denied_packets_gives_bounded_log_output_and_exact_counts() -> Resu
     // Budget: 5 events/s per attachment and CPU.
     let cpus = std::thread::available_parallelism()?.get() as u64;
     let budget = 5 * cpus * (elapsed.as_secs() + 2);
-    wait_until("events logged", Duration::from_secs(5), || {
-        installer.log_text().contains("denied: pod x/flood")
-    })?;
+    installer.wait_for_log("denied: pod x/flood", Duration::from_secs(5))?;
     let lines = installer.log_text().matches("denied: pod x/flood").count() as u64;
     eprintln!(
         "{flood} denied packets in {} ms: {lines} log lines (budget {budget})",

@@ -11,17 +11,12 @@ use egress_deny_datapath::{
 use egress_deny_tests::{
     cni::{
         ALLOWED, CniNode, DENIED, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs,
-        network_name,
+        network_name, pod_env,
     },
     probe::{ping, udp_through},
     random_suffix, require_root, wait_until,
 };
 use serde_json::json;
-
-fn deny(node: &CniNode, cidr: &str) -> Result<()> {
-    RuleTables::open(&node.pins.layout)?.insert(cidr.parse()?, Action::Deny)?;
-    Ok(())
-}
 
 const K8S_ARGS: &str = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0";
 
@@ -29,7 +24,7 @@ const K8S_ARGS: &str = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0";
 fn bridge_and_ptp_at_every_libcni_version_filter_from_the_first_packet() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
     for primary in [Primary::Bridge, Primary::Ptp] {
         for version in ["0.3.1", "0.4.0", "1.0.0"] {
             let what = format!("{primary:?} at {version}");
@@ -82,14 +77,13 @@ fn a_rule_added_after_add_applies_to_the_running_pod() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         5,
         "no rule yet"
     );
-    deny(&node, "198.51.100.0/24")?;
+    node.pins.deny(&["198.51.100.0/24"])?;
     assert_eq!(
         udp_through(pod.ns(), &node.server, DENIED, ALLOWED, 5)?,
         0,
@@ -109,7 +103,7 @@ fn a_rule_added_after_add_applies_to_the_running_pod() -> Result<()> {
 fn fifty_parallel_adds_all_succeed_and_are_all_enforced() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
     let pods = (0..50).map(|_| node.pod()).collect::<Result<Vec<_>>>()?;
     std::thread::scope(|s| {
@@ -145,13 +139,11 @@ fn del_is_idempotent_and_succeeds_after_the_netns_is_gone() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
     let conflist = node.conflist("1.0.0", Primary::Ptp, json!({}))?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     pod.del(&conflist, "")?.map_err(anyhow::Error::msg)?;
     pod.del(&conflist, "")?.map_err(anyhow::Error::msg)?;
 
-    let mut gone = node.pod()?;
-    gone.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let mut gone = node.added_pod(&conflist, "")?;
     let link = node.pins.layout.pod_link(&gone.container_id, "eth0");
     assert!(link.exists());
     gone.ns = None; // deletes the namespace, and with it the veth pair
@@ -168,12 +160,11 @@ fn del_is_idempotent_and_succeeds_after_the_netns_is_gone() -> Result<()> {
 fn check_fails_once_the_program_was_detached_by_hand() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
 
     // TCX: someone removes the pinned link (bpftool link detach / rm).
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     pod.check(&conflist, "")?.map_err(anyhow::Error::msg)?;
     std::fs::remove_file(node.pins.layout.pod_link(&pod.container_id, "eth0"))?;
     // The kernel releases the link asynchronously once its last reference is gone.
@@ -189,8 +180,7 @@ fn check_fails_once_the_program_was_detached_by_hand() -> Result<()> {
 
     // cls_bpf fallback: someone deletes the tc filter.
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": "netlink" }))?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     let record = pod.record()?;
     assert_eq!(
         record.mode,
@@ -232,8 +222,7 @@ fn failure_policy_fail_retries_the_pod_and_ignore_lets_it_start() -> Result<()> 
         Primary::Bridge,
         json!({ "failurePolicy": "ignore" }),
     )?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     assert!(
         pod.record().is_err(),
         "ignore: started unfiltered, nothing attached"
@@ -245,27 +234,22 @@ fn failure_policy_fail_retries_the_pod_and_ignore_lets_it_start() -> Result<()> 
 fn excluded_namespaces_are_not_filtered() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
     let conflist = node.conflist(
         "1.0.0",
         Primary::Bridge,
         json!({ "excludeNamespaces": ["kube-system"] }),
     )?;
-    let system = node.pod()?;
-    system
-        .add(
-            &conflist,
-            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
-        )?
-        .map_err(anyhow::Error::msg)?;
+    let system = node.added_pod(
+        &conflist,
+        "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
+    )?;
     assert!(system.record().is_err());
     assert_eq!(
         udp_through(system.ns(), &node.server, DENIED, ALLOWED, 3)?,
         3
     );
-    let app = node.pod()?;
-    app.add(&conflist, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=app")?
-        .map_err(anyhow::Error::msg)?;
+    let app = node.added_pod(&conflist, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=app")?;
     assert_eq!(udp_through(app.ns(), &node.server, DENIED, ALLOWED, 3)?, 0);
     Ok(())
 }
@@ -290,12 +274,7 @@ fn direct_exec_1_1_0_add_passes_prev_result_through_unchanged() -> Result<()> {
     let mut conf = entry_1_1(&node, json!({}));
     conf["prevResult"] = prev.clone();
     let netns = pod.path().display().to_string();
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "direct-1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let env = pod_env("ADD", "direct-1", &netns);
     let (ok, out) = exec_plugin(&node, &env, &conf.to_string())?;
     assert!(ok, "ADD failed: {out}");
     assert_eq!(out, prev, "prevResult not passed through unchanged");
@@ -314,10 +293,8 @@ fn direct_exec_gc_removes_only_attachments_the_runtime_no_longer_lists() -> Resu
     require_root();
     let node = CniNode::new()?;
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
-    let keep = node.pod()?;
-    let stale = node.pod()?;
-    keep.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
-    stale.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let keep = node.added_pod(&conflist, "")?;
+    let stale = node.added_pod(&conflist, "")?;
     let stale_link = node.pins.layout.pod_link(&stale.container_id, "eth0");
     let keep_link = node.pins.layout.pod_link(&keep.container_id, "eth0");
     let mut conf = entry_1_1(&node, json!({}));
@@ -427,12 +404,7 @@ fn direct_exec_status_version_and_malformed_input() -> Result<()> {
     // A missing netns: a clear error and nothing attached or recorded.
     let mut with_prev = conf.clone();
     with_prev["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [], "ips": [] });
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "c2"),
-        ("CNI_NETNS", "/var/run/netns/nope-nope"),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let env = pod_env("ADD", "c2", "/var/run/netns/nope-nope");
     let (ok, out) = exec_plugin(&node, &env, &with_prev.to_string())?;
     assert!(!ok);
     assert!(
@@ -458,14 +430,12 @@ fn direct_exec_status_version_and_malformed_input() -> Result<()> {
 fn gc_of_one_network_leaves_another_networks_attachments_enforcing() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
     let net_a = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
     let net_b = node.conflist("1.0.0", Primary::Ptp, json!({}))?;
     let (name_a, name_b) = (network_name(&net_a)?, network_name(&net_b)?);
-    let a = node.pod()?;
-    let b = node.pod()?;
-    a.add(&net_a, "")?.map_err(anyhow::Error::msg)?;
-    b.add(&net_b, "")?.map_err(anyhow::Error::msg)?;
+    let a = node.added_pod(&net_a, "")?;
+    let b = node.added_pod(&net_b, "")?;
     let a_host = a.record_of("eth0")?.host_ifname;
     let a_link = node.pins.layout.pod_link(&a.container_id, "eth0");
     let b_link = node.pins.layout.pod_link(&b.container_id, "eth0");
@@ -477,12 +447,7 @@ fn gc_of_one_network_leaves_another_networks_attachments_enforcing() -> Result<(
     add["name"] = json!(name_a);
     add["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": orphan_host }] });
     let orphan_netns = orphan_ns.path().display().to_string();
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "orphan-1"),
-        ("CNI_NETNS", orphan_netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let env = pod_env("ADD", "orphan-1", &orphan_netns);
     let (ok, out) = exec_plugin(&node, &env, &add.to_string())?;
     ensure!(ok, "ADD of the orphan: {out}");
     std::fs::remove_file(
@@ -546,7 +511,7 @@ fn gc_of_one_network_leaves_another_networks_attachments_enforcing() -> Result<(
 fn pods_whose_old_names_collide_stay_attached_independently() -> Result<()> {
     require_root();
     let node = CniNode::new()?;
-    deny(&node, &format!("{DENIED}/32"))?;
+    node.pins.deny(&[&format!("{DENIED}/32")])?;
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({}))?;
     let base = format!("ctr-{}", random_suffix());
     let first = node.pod_with_id(&format!("{base}_x"))?;

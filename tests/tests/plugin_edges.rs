@@ -14,7 +14,7 @@ use egress_deny_tests::{
     Netns, PinDir,
     cni::{
         CniNode, Primary, entry_1_1, exec_plugin, hand_made_pod, ingress_programs, network_name,
-        run_plugin, run_plugin_under,
+        pod_env, run_plugin, run_plugin_under,
     },
     require_root, wait_until,
 };
@@ -34,16 +34,6 @@ fn link_pins(node: &CniNode) -> usize {
 fn pinned_program_id(node: &CniNode) -> Result<u32> {
     let program = SchedClassifier::from_pin(node.pins.layout.program(ProgramKind::Ethernet))?;
     Ok(program.info()?.id())
-}
-
-/// ADD env for a direct exec.
-fn add_env<'a>(container_id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", container_id),
-        ("CNI_NETNS", netns),
-        ("CNI_IFNAME", "eth0"),
-    ]
 }
 
 #[test]
@@ -85,7 +75,7 @@ fn check_fails_when_the_pod_runs_another_program_and_a_repeated_add_moves_it() -
         let netns = pod.ns().path().display().to_string();
         let (ok, out) = exec_plugin(
             &node,
-            &add_env(&pod.container_id, &netns),
+            &pod_env("ADD", &pod.container_id, &netns),
             &conf.to_string(),
         )?;
         assert!(ok, "{mode}: repeated ADD: {out}");
@@ -137,7 +127,11 @@ fn add_refuses_a_veth_whose_peer_is_in_another_namespace() -> Result<()> {
     let mut conf = entry_1_1(&node, json!({}));
     conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [], "ips": [] });
     let netns = pod.path().display().to_string();
-    let (ok, out) = exec_plugin(&node, &add_env("foreign-1", &netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(
+        &node,
+        &pod_env("ADD", "foreign-1", &netns),
+        &conf.to_string(),
+    )?;
     assert!(!ok, "ADD must fail: {out}");
     assert_eq!(out["code"], json!(7), "{out}");
     assert!(
@@ -167,7 +161,7 @@ fn add_on_a_pod_interface_that_is_not_a_veth_or_is_missing_is_a_clean_error() ->
     let mut conf = entry_1_1(&node, json!({}));
     conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [], "ips": [] });
     let netns = pod.path().display().to_string();
-    let (ok, out) = exec_plugin(&node, &add_env("dummy-1", &netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(&node, &pod_env("ADD", "dummy-1", &netns), &conf.to_string())?;
     assert!(!ok, "{out}");
     assert!(
         out["msg"]
@@ -179,7 +173,7 @@ fn add_on_a_pod_interface_that_is_not_a_veth_or_is_missing_is_a_clean_error() ->
     // And a pod without the interface at all.
     let empty = Netns::new("edx")?;
     let netns = empty.path().display().to_string();
-    let (ok, out) = exec_plugin(&node, &add_env("dummy-2", &netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(&node, &pod_env("ADD", "dummy-2", &netns), &conf.to_string())?;
     assert!(!ok, "{out}");
     assert!(
         out["msg"].as_str().unwrap_or_default().contains("eth0"),
@@ -204,7 +198,7 @@ fn a_failure_after_attaching_leaves_nothing_attached() -> Result<()> {
         );
         conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": host }] });
         let netns = pod.path().display().to_string();
-        let (ok, out) = exec_plugin(&node, &add_env("half-1", &netns), &conf.to_string())?;
+        let (ok, out) = exec_plugin(&node, &pod_env("ADD", "half-1", &netns), &conf.to_string())?;
         assert!(!ok, "{mode}: ADD must fail: {out}");
         // msg says what was being done (attaching), details what failed.
         assert!(
@@ -235,7 +229,7 @@ fn logs_go_to_the_configured_target_never_to_stdout() -> Result<()> {
     let netns = pod.path().display().to_string();
     // Twice: a repeated ADD is idempotent.
     for _ in 0..2 {
-        let run = run_plugin(&node, &add_env("logs-1", &netns), &conf.to_string())?;
+        let run = run_plugin(&node, &pod_env("ADD", "logs-1", &netns), &conf.to_string())?;
         assert!(run.ok, "{run:?}");
         assert_eq!(run.stdout.lines().count(), 1, "stdout: {:?}", run.stdout);
         assert_eq!(serde_json::from_str::<Value>(&run.stdout)?, prev);
@@ -252,12 +246,7 @@ fn logs_go_to_the_configured_target_never_to_stdout() -> Result<()> {
         "one TCX program"
     );
 
-    let del = [
-        ("CNI_COMMAND", "DEL"),
-        ("CNI_CONTAINERID", "logs-1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let del = pod_env("DEL", "logs-1", &netns);
     let run = run_plugin(
         &node,
         &del,
@@ -298,16 +287,15 @@ fn version_negotiation_and_commands_a_version_does_not_define() -> Result<()> {
         conf["prevResult"] = json!({ "cniVersion": version, "interfaces": [], "ips": [] });
         conf.to_string()
     };
-    let check = [
-        ("CNI_COMMAND", "CHECK"),
-        ("CNI_CONTAINERID", "v-1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let check = pod_env("CHECK", "v-1", &netns);
     for (env, stdin, what) in [
         (&check[..], at("0.3.1"), "CHECK at 0.3.1"),
         (&[("CNI_COMMAND", "GC")][..], at("1.0.0"), "GC at 1.0.0"),
-        (&add_env("v-1", &netns)[..], at("0.2.0"), "ADD at 0.2.0"),
+        (
+            &pod_env("ADD", "v-1", &netns)[..],
+            at("0.2.0"),
+            "ADD at 0.2.0",
+        ),
     ] {
         let (ok, out) = exec_plugin(&node, env, &stdin)?;
         assert!(!ok, "{what}: {out}");
@@ -316,7 +304,7 @@ fn version_negotiation_and_commands_a_version_does_not_define() -> Result<()> {
     // An ADD in a supported version answers in it; prevResult must be an object.
     let mut conf: Value = serde_json::from_str(&at("0.3.0"))?;
     conf["prevResult"] = json!("not a result");
-    let (ok, out) = exec_plugin(&node, &add_env("v-2", &netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(&node, &pod_env("ADD", "v-2", &netns), &conf.to_string())?;
     assert!(!ok);
     assert_eq!(out["code"], json!(7), "{out}");
     assert_eq!(out["cniVersion"], json!("0.3.0"), "{out}");
@@ -332,7 +320,7 @@ fn the_env_var_forces_the_cls_bpf_fallback_and_gc_removes_it() -> Result<()> {
     let mut conf = entry_1_1(&node, json!({}));
     conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": host }] });
     let netns = pod.path().display().to_string();
-    let mut env = add_env("envmode-1", &netns);
+    let mut env = pod_env("ADD", "envmode-1", &netns);
     env.push(("EGRESS_DENY_ATTACH_MODE", "netlink"));
     let (ok, out) = exec_plugin(&node, &env, &conf.to_string())?;
     assert!(ok, "{out}");
@@ -373,7 +361,11 @@ fn del_of_a_vanished_pod_spares_the_pod_that_reuses_its_veth_name() -> Result<()
 
     let old = pod_with_veth()?;
     let old_netns = old.path().display().to_string();
-    let (ok, out) = exec_plugin(&node, &add_env("reuse-old", &old_netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(
+        &node,
+        &pod_env("ADD", "reuse-old", &old_netns),
+        &conf.to_string(),
+    )?;
     assert!(ok, "{out}");
     drop(old); // the sandbox dies; its veth with it, before the runtime's DEL
     // The kernel tears a namespace down asynchronously: wait for the name to be free.
@@ -382,18 +374,17 @@ fn del_of_a_vanished_pod_spares_the_pod_that_reuses_its_veth_name() -> Result<()
     })?;
     let new = pod_with_veth()?;
     let new_netns = new.path().display().to_string();
-    let (ok, out) = exec_plugin(&node, &add_env("reuse-new", &new_netns), &conf.to_string())?;
+    let (ok, out) = exec_plugin(
+        &node,
+        &pod_env("ADD", "reuse-new", &new_netns),
+        &conf.to_string(),
+    )?;
     assert!(ok, "{out}");
     let pinned = pinned_program_id(&node)?;
     assert_eq!(ingress_programs(&node, &host)?, (vec![], vec![pinned]));
 
     // The late DEL of the old sandbox must not strip the new pod's filter.
-    let del = [
-        ("CNI_COMMAND", "DEL"),
-        ("CNI_CONTAINERID", "reuse-old"),
-        ("CNI_NETNS", old_netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-    ];
+    let del = pod_env("DEL", "reuse-old", &old_netns);
     let (ok, out) = exec_plugin(&node, &del, &entry_1_1(&node, json!({})).to_string())?;
     assert!(ok, "{out}");
     assert!(record(&node, "reuse-old").is_err(), "old record left");
@@ -426,12 +417,7 @@ fn add_check_and_del_never_load_programs_or_create_maps() -> Result<()> {
         let mut conf = entry_1_1(&node, json!({ "attachMode": mode }));
         conf["prevResult"] = json!({ "cniVersion": "1.1.0", "interfaces": [{ "name": host }] });
         for command in ["ADD", "CHECK", "DEL"] {
-            let env = [
-                ("CNI_COMMAND", command),
-                ("CNI_CONTAINERID", cid.as_str()),
-                ("CNI_NETNS", netns.as_str()),
-                ("CNI_IFNAME", "eth0"),
-            ];
+            let env = pod_env(command, &cid, &netns);
             let run = run_plugin_under(&node, &strace, &env, &conf.to_string())?;
             assert!(run.ok, "{mode} {command}: {run:?}");
             let calls = std::fs::read_to_string(&trace)?;
@@ -467,7 +453,11 @@ fn a_prev_result_naming_another_host_interface_is_logged_and_the_kernel_decides(
         ],
     });
     let netns = pod.path().display().to_string();
-    let run = run_plugin(&node, &add_env("mismatch-1", &netns), &conf.to_string())?;
+    let run = run_plugin(
+        &node,
+        &pod_env("ADD", "mismatch-1", &netns),
+        &conf.to_string(),
+    )?;
     assert!(run.ok, "{run:?}");
     assert!(
         run.stderr.contains("not among the host interfaces"),
@@ -510,8 +500,7 @@ fn legacy_named_attachments_are_still_checked_and_removed() -> Result<()> {
     let node = CniNode::new()?;
     for mode in ["tcx", "netlink"] {
         let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": mode }))?;
-        let pod = node.pod()?;
-        pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+        let pod = node.added_pod(&conflist, "")?;
         let host = pod.record()?.host_ifname;
         make_legacy(&node, &pod.container_id)?;
         pod.check(&conflist, "")?
@@ -530,8 +519,7 @@ fn legacy_named_attachments_are_still_checked_and_removed() -> Result<()> {
 
         // GC: a live legacy attachment may be another network's: kept; once its pod is
         // gone, removed.
-        let mut gone = node.pod()?;
-        gone.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+        let mut gone = node.added_pod(&conflist, "")?;
         make_legacy(&node, &gone.container_id)?;
         let mut gc = entry_1_1(&node, json!({}));
         gc["name"] = json!(network_name(&conflist)?);
@@ -578,8 +566,7 @@ fn cls_bpf_check_finds_its_filter_by_handle_behind_a_foreign_prio_1_filter() -> 
     require_root();
     let node = CniNode::new()?;
     let conflist = node.conflist("1.0.0", Primary::Bridge, json!({ "attachMode": "netlink" }))?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let pod = node.added_pod(&conflist, "")?;
     pod.check(&conflist, "")?.map_err(anyhow::Error::msg)?;
     let host = pod.record()?.host_ifname;
     let ours = pinned_program_id(&node)?;

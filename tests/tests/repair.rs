@@ -5,9 +5,9 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use egress_deny_tests::{
     cni::{ALLOWED, CniNode, DENIED, Primary},
-    installer::{Installer, InstallerDirs},
+    installer::InstallerDirs,
     probe::udp_through,
-    require_root, wait_until,
+    require_root,
 };
 use serde_json::json;
 
@@ -30,37 +30,12 @@ fn repair_applies_the_networks_own_chain_and_excluded_namespaces() -> Result<()>
     std::fs::write(&side, serde_json::to_vec(&secondary)?)?;
     dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
 
-    let app = node.pod()?;
-    let system = node.pod()?;
-    let other = node.pod()?;
-    app.add(&k8s, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=app-1")?
-        .map_err(anyhow::Error::msg)?;
-    system
-        .add(&k8s, "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns-1")?
-        .map_err(anyhow::Error::msg)?;
-    other
-        .add(&side, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=side-1")?
-        .map_err(anyhow::Error::msg)?;
+    let app = node.added_pod(&k8s, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=app-1")?;
+    let system = node.added_pod(&k8s, "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns-1")?;
+    let other = node.added_pod(&side, "K8S_POD_NAMESPACE=default;K8S_POD_NAME=side-1")?;
 
-    let cache = node.dir.path().join("cache");
-    let installer = Installer::start(
-        &dirs,
-        Some(&node.node),
-        &[
-            "--host-interfaces=none",
-            "--exclude-namespaces=kube-system",
-            &format!("--cni-cache-dir={}", cache.display()),
-        ],
-    )?;
-    installer.wait_ready()?;
-    wait_until(
-        "the app pod to be filtered",
-        Duration::from_secs(10),
-        || udp_through(app.ns(), &node.server, DENIED, ALLOWED, 1).is_ok_and(|n| n == 0),
-    )?;
-    wait_until("the repair to be logged", Duration::from_secs(10), || {
-        installer.log_text().contains("repaired: pod default/app-1")
-    })?;
+    let installer = node.repairing_installer(&dirs, &["--exclude-namespaces=kube-system"])?;
+    app.wait_for_repair(&installer, "default/app-1")?;
     ensure!(
         egress_deny_datapath::paths::StateLayout::new(dirs.state_dir())
             .attachment_record(&app.container_id, "eth0")
@@ -74,20 +49,13 @@ fn repair_applies_the_networks_own_chain_and_excluded_namespaces() -> Result<()>
     std::fs::write(&unchained_copy, serde_json::to_vec(&primary)?)?;
     let mut late = Vec::new();
     let mut another_pass = |i: usize| -> Result<()> {
-        let pod = node.pod()?;
-        pod.add(
+        let pod = node.added_pod(
             &unchained_copy,
             &format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=late-{i}"),
-        )?
-        .map_err(anyhow::Error::msg)?;
-        wait_until(
-            &format!("late-{i} to be repaired"),
+        )?;
+        installer.wait_for_log(
+            &format!("repaired: pod default/late-{i}"),
             Duration::from_secs(10),
-            || {
-                installer
-                    .log_text()
-                    .contains(&format!("repaired: pod default/late-{i}"))
-            },
         )?;
         late.push(pod);
         Ok(())

@@ -22,9 +22,7 @@ fn status_exit_codes_tell_a_script_what_state_the_node_is_in() -> Result<()> {
     // Installed, but the only rules file is broken: no valid rule set yet.
     dirs.publish_rules(&[("rules", b"not a rule\n")])?;
     let installer = Installer::start(&dirs, None, &["--host-interfaces=none"])?;
-    wait_until("the rejection", Duration::from_secs(10), || {
-        installer.log_text().contains("update rejected")
-    })?;
+    installer.wait_for_log("update rejected", Duration::from_secs(10))?;
     let (code, out) = dirs.status_code(None)?;
     assert_eq!(code, 3, "no valid rule set:\n{out}");
 
@@ -103,22 +101,15 @@ fn a_second_daemon_waits_for_the_first_and_takes_over_without_a_gap() -> Result<
         probe::Flood,
     };
     require_root();
-    let (node, dirs, conflist) = CniNode::with_installer_dirs(Primary::Bridge)?;
-    dirs.publish_rules(&[("rules", format!("{DENIED}/32\n").as_bytes())])?;
-    let first = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    first.wait_ready()?;
-    let pod = node.pod()?;
-    pod.add(&conflist, "")?.map_err(anyhow::Error::msg)?;
+    let (node, dirs, conflist, first) =
+        CniNode::with_ready_installer(Primary::Bridge, &["--host-interfaces=up0"])?;
+    let pod = node.added_pod(&conflist, "")?;
     let program = || pinned_program(&dirs.layout(), ProgramKind::Ethernet).map(|(_, id)| id);
     let first_program = program()?;
     let flood = Flood::start(pod.ns(), &node.server, DENIED)?;
 
     let second = Installer::start(&dirs, Some(&node.node), &["--host-interfaces=up0"])?;
-    wait_until(
-        "the second daemon to say it waits",
-        Duration::from_secs(10),
-        || second.log_text().contains("waiting for it to exit"),
-    )?;
+    second.wait_for_log("waiting for it to exit", Duration::from_secs(10))?;
     let (code, body) = second.http("/readyz")?;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains(&format!("pid {}", first.pid())), "{body}");

@@ -13,12 +13,12 @@ use egress_deny_datapath::{
     counters::CounterMap,
     iface,
     netns::NetnsGuard,
-    rules::{Action, RuleTables},
+    rules::Action,
 };
 use egress_deny_tests::{
-    Netns, PinDir, open_tun,
+    Netns, PinDir,
     probe::{self, bind_in, udp_through},
-    require_root,
+    require_root, tests_over,
     topology::PodHost,
 };
 
@@ -45,38 +45,20 @@ fn ping(topo: &Topology, dst: &str) -> bool {
     probe::ping(&topo.pod, dst)
 }
 
-fn attach_host_side(
-    pins: &PinDir,
-    topo: &Topology,
-    mode: AttachMode,
-) -> Result<attach::Attachment> {
-    let _guard = NetnsGuard::enter(&topo.host.path())?;
-    let link_pin = pins.layout.host_link(&topo.host_veth);
-    attach::attach(
-        &pins.layout,
-        &AttachRequest {
-            ifname: &topo.host_veth,
-            hook: Hook::Ingress,
-            link_pin: &link_pin,
-            mode,
-            exempt: false,
-        },
-    )
-    .context("attach")
-}
-
-fn host_ifindex(topo: &Topology) -> Result<u32> {
-    let _guard = NetnsGuard::enter(&topo.host.path())?;
-    Ok(iface::ifindex(&topo.host_veth)?)
+/// Datagrams from the pod to the denied IPv4 and IPv6 destinations (behind each, a
+/// marker to the allowed one of its family): how many of `count` got through, per family.
+fn denied_datagrams_through(topo: &Topology, count: usize) -> Result<[usize; 2]> {
+    Ok([
+        datagrams_through(topo, DENIED_V4, ALLOWED_V4, count)?,
+        datagrams_through(topo, DENIED_V6, ALLOWED_V6, count)?,
+    ])
 }
 
 fn enforce_and_release(mode: AttachMode) -> Result<()> {
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    let rules = RuleTables::open(&pins.layout)?;
-    rules.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
-    rules.insert("2001:db8:dead::/48".parse()?, Action::Deny)?;
+    let rules = pins.deny(&[&format!("{DENIED_V4}/32"), "2001:db8:dead::/48"])?;
 
     // Before attaching, the "denied" destination is reachable: the topology works.
     assert_eq!(
@@ -85,38 +67,25 @@ fn enforce_and_release(mode: AttachMode) -> Result<()> {
         "baseline before attach"
     );
 
-    let attachment = attach_host_side(&pins, &topo, mode)?;
+    let attachment = topo.attach_host_side(&pins, mode)?;
     assert_eq!(attachment.mode, mode);
-    let ifindex = host_ifindex(&topo)?;
+    let ifindex = topo.host_ifindex()?;
     let counters = CounterMap::open(&pins.layout)?;
     let before = counters.get(ifindex)?;
 
     assert_eq!(
-        datagrams_through(&topo, DENIED_V4, ALLOWED_V4, 20)?,
-        0,
-        "denied IPv4 UDP leaked"
+        denied_datagrams_through(&topo, 20)?,
+        [0, 0],
+        "denied UDP leaked (IPv4, IPv6)"
     );
-    assert_eq!(
-        datagrams_through(&topo, DENIED_V6, ALLOWED_V6, 20)?,
-        0,
-        "denied IPv6 UDP leaked"
-    );
-    assert!(
-        !ping(&topo, DENIED_V4),
-        "ping to a denied IPv4 destination got through"
-    );
-    assert!(
-        !ping(&topo, DENIED_V6),
-        "ping to a denied IPv6 destination got through"
-    );
-    assert!(
-        ping(&topo, ALLOWED_V4),
-        "ping to an allowed IPv4 destination failed"
-    );
-    assert!(
-        ping(&topo, ALLOWED_V6),
-        "ping to an allowed IPv6 destination failed"
-    );
+    for (dst, answered) in [
+        (DENIED_V4, false),
+        (DENIED_V6, false),
+        (ALLOWED_V4, true),
+        (ALLOWED_V6, true),
+    ] {
+        assert_eq!(ping(&topo, dst), answered, "ping to {dst}");
+    }
 
     let after = counters.get(ifindex)?;
     // 40 UDP datagrams + at least one echo request per denied ping.
@@ -133,14 +102,9 @@ fn enforce_and_release(mode: AttachMode) -> Result<()> {
     assert!(rules.remove(format!("{DENIED_V4}/32").parse()?)?);
     assert!(rules.remove("2001:db8:dead::/48".parse()?)?);
     assert_eq!(
-        datagrams_through(&topo, DENIED_V4, ALLOWED_V4, 5)?,
-        5,
-        "IPv4 not restored"
-    );
-    assert_eq!(
-        datagrams_through(&topo, DENIED_V6, ALLOWED_V6, 5)?,
-        5,
-        "IPv6 not restored"
+        denied_datagrams_through(&topo, 5)?,
+        [5, 5],
+        "UDP not restored (IPv4, IPv6)"
     );
     assert!(
         ping(&topo, DENIED_V4),
@@ -176,25 +140,20 @@ fn enforce_and_release(mode: AttachMode) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn tcx_attachment_enforces_and_follows_map_updates() -> Result<()> {
-    enforce_and_release(AttachMode::Tcx)
-}
-
-#[test]
-fn netlink_attachment_enforces_and_follows_map_updates() -> Result<()> {
-    enforce_and_release(AttachMode::Netlink)
-}
+tests_over!(enforce_and_release:
+    tcx_attachment_enforces_and_follows_map_updates => AttachMode::Tcx,
+    netlink_attachment_enforces_and_follows_map_updates => AttachMode::Netlink,
+);
 
 #[test]
 fn attachment_survives_the_attaching_process_and_reattach_is_idempotent() -> Result<()> {
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    RuleTables::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
-    let first = attach_host_side(&pins, &topo, AttachMode::Tcx)?;
+    pins.deny(&[&format!("{DENIED_V4}/32")])?;
+    let first = topo.attach_host_side(&pins, AttachMode::Tcx)?;
     // Every handle this process had is dropped; only the pin keeps the link.
-    let again = attach_host_side(&pins, &topo, AttachMode::Tcx)?;
+    let again = topo.attach_host_side(&pins, AttachMode::Tcx)?;
     assert_eq!(
         first.link_id, again.link_id,
         "re-attach created a second link"
@@ -225,15 +184,12 @@ fn l3_device_on_tc_egress_gets_the_l3_program_and_drops_denied() -> Result<()> {
     let pins = PinDir::new()?;
     let host = Netns::new("edt-l3")?;
     let tun_name = "edtun0";
-    let mut tun = {
-        let _guard = NetnsGuard::enter(&host.path())?;
-        open_tun(tun_name, None)?
-    };
+    let mut tun = host.open_tun(tun_name, None)?;
     host.ip(&format!("addr add 10.88.0.1/32 dev {tun_name}"))?;
     host.ip(&format!("link set {tun_name} up"))?;
     host.ip(&format!("route add 198.51.100.0/24 dev {tun_name}"))?;
     host.ip(&format!("route add 192.0.2.0/24 dev {tun_name}"))?;
-    RuleTables::open(&pins.layout)?.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
+    pins.deny(&[&format!("{DENIED_V4}/32")])?;
 
     let attachment = {
         let _guard = NetnsGuard::enter(&host.path())?;

@@ -10,14 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use egress_deny_datapath::{
-    attach::{self, AttachMode, AttachRequest, Hook},
-    counters::CounterMap,
-    iface,
-    netns::NetnsGuard,
-    rules::{Action, RuleTables},
-};
+use anyhow::{Result, bail};
+use egress_deny_datapath::{attach::AttachMode, counters::CounterMap, iface, netns::NetnsGuard};
 use egress_deny_tests::{
     Netns, PinDir, packet,
     probe::CpuPin,
@@ -170,7 +164,7 @@ fn ipv4_udp(dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
     h.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]); // DF, TTL 64, UDP
     h.extend_from_slice(&POD_V4.octets());
     h.extend_from_slice(&dst.octets());
-    let csum = checksum(&h);
+    let csum = packet::checksum(&h);
     h[10..12].copy_from_slice(&csum.to_be_bytes());
     h.extend_from_slice(&udp);
     h
@@ -185,7 +179,7 @@ fn ipv6_udp(dst: Ipv6Addr, data: &[u8]) -> Vec<u8> {
     pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, 17]);
     pseudo.extend_from_slice(&udp);
-    let csum = match checksum(&pseudo) {
+    let csum = match packet::checksum(&pseudo) {
         0 => 0xffff,
         c => c,
     };
@@ -197,17 +191,6 @@ fn ipv6_udp(dst: Ipv6Addr, data: &[u8]) -> Vec<u8> {
     h.extend_from_slice(&dst.octets());
     h.extend_from_slice(&udp);
     h
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// UDP sockets in the host namespace on the four destinations.
@@ -347,9 +330,7 @@ fn stacked_vid0_vlan_tags_do_not_bypass_the_filter() -> Result<()> {
     require_root();
     let pins = PinDir::new()?;
     let topo = topology()?;
-    let rules = RuleTables::open(&pins.layout)?;
-    rules.insert(format!("{DENIED_V4}/32").parse()?, Action::Deny)?;
-    rules.insert("2001:db8:dead::/48".parse()?, Action::Deny)?;
+    pins.deny(&[&format!("{DENIED_V4}/32"), "2001:db8:dead::/48"])?;
     let sender = RawSender::open(&topo.pod)?;
     let receivers = Receivers::bind(&topo.host)?;
 
@@ -369,25 +350,8 @@ fn stacked_vid0_vlan_tags_do_not_bypass_the_filter() -> Result<()> {
         wrong.join("\n")
     );
 
-    {
-        let _guard = NetnsGuard::enter(&topo.host.path())?;
-        let link_pin = pins.layout.host_link(&topo.host_veth);
-        attach::attach(
-            &pins.layout,
-            &AttachRequest {
-                ifname: &topo.host_veth,
-                hook: Hook::Ingress,
-                link_pin: &link_pin,
-                mode: AttachMode::Tcx,
-                exempt: false,
-            },
-        )
-        .context("attach")?;
-    }
-    let ifindex = {
-        let _guard = NetnsGuard::enter(&topo.host.path())?;
-        iface::ifindex(&topo.host_veth)?
-    };
+    topo.attach_host_side(&pins, AttachMode::Tcx)?;
+    let ifindex = topo.host_ifindex()?;
     let counters = CounterMap::open(&pins.layout)?;
     let before = counters.get(ifindex)?;
 
