@@ -111,9 +111,21 @@ pub fn run(args: &StateArgs) -> Result<u8> {
             .as_ref()
             .and_then(|m| m.get(a.ifindex).ok())
             .unwrap_or_default();
+        // Keyed by interface (scripts find a pod's line by its veth name), then whose it
+        // is: the layout of earlier versions, kept.
+        let who = match (&a.pod_namespace, &a.pod_name) {
+            (Some(ns), Some(name)) => format!(" pod {ns}/{name}"),
+            _ => a
+                .container_id
+                .as_ref()
+                .map(|c| format!(" container {c}"))
+                .unwrap_or_default(),
+        };
         writeln!(
             out,
-            "  {a}, ifindex {}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes{}",
+            "  {} {} (ifindex {}){who}: denied {} pkts / {} bytes, allowed {} pkts / {} bytes{}",
+            a.kind,
+            a.ifname,
             a.ifindex,
             c.denied_packets,
             c.denied_bytes,

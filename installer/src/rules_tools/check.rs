@@ -11,7 +11,7 @@ use egress_deny_datapath::rules::Action;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::rules::{self, Address, Counts, Entry, Limits, RulesError};
+use crate::rules::{self, Address, Counts, Entry, FamilyEntry, Limits, RulesError};
 
 /// More errors than this are counted, not listed: a wrong file (a binary, a CSV) would
 /// otherwise print a million lines.
@@ -148,17 +148,9 @@ impl Collector {
     }
 
     fn push(&mut self, net: IpNet, action: Action) {
-        match net {
-            IpNet::V4(n) => self.v4.push(Entry {
-                addr: n.network().into(),
-                len: n.prefix_len(),
-                action,
-            }),
-            IpNet::V6(n) => self.v6.push(Entry {
-                addr: n.network().into(),
-                len: n.prefix_len(),
-                action,
-            }),
+        match FamilyEntry::new(net, action) {
+            FamilyEntry::V4(e) => self.v4.push(e),
+            FamilyEntry::V6(e) => self.v6.push(e),
         }
     }
 }

@@ -54,27 +54,11 @@ pub fn chunks(rules: &RuleSet, max_bytes: usize) -> Result<Vec<Chunk>, Configmap
     Ok(out)
 }
 
-trait Bits: Address {
-    fn wide(self) -> u128;
-}
-
-impl Bits for u32 {
-    fn wide(self) -> u128 {
-        self.into()
-    }
-}
-
-impl Bits for u128 {
-    fn wide(self) -> u128 {
-        self
-    }
-}
-
 /// The rules of block `base/len` (sorted `entries`, all inside it): one chunk if they
 /// fit, else the two halves. `estimate`: the gzip size the parent's suggests; far over
 /// the limit, the block is split without compressing it (each level would otherwise
 /// compress everything once more).
-fn split<A: Bits>(
+fn split<A: Address>(
     entries: &[Entry<A>],
     base: u128,
     len: u8,
@@ -103,7 +87,7 @@ fn split<A: Bits>(
     }
     let gz_len = gzip.map_or(estimate.unwrap_or(0), |g| g.len());
     let half = base | (1u128 << (bits - len - 1));
-    let mid = entries.partition_point(|e| e.addr.wide() < half);
+    let mid = entries.partition_point(|e| e.addr.widen() < half);
     for (part, start) in [(&entries[..mid], base), (&entries[mid..], half)] {
         let estimate = gz_len * part.len() / entries.len();
         split(part, start, len + 1, bits, max_gzip, Some(estimate), out);
