@@ -1,4 +1,5 @@
-//! Plugin errors and their CNI error codes, mapped in this one place.
+//! Plugin errors and their CNI error codes, mapped in this one place. Depends on no
+//! other module of the plugin: they all return these.
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,17 +67,14 @@ impl PluginError {
         }
     }
 
-    /// The spec's error result, in the request's cniVersion; the highest we support
-    /// when the configuration could not be read or asked for a version we lack.
-    pub fn to_cni_json(&self) -> String {
-        let version = crate::skel::requested_version()
-            .filter(|v| crate::version::SUPPORTED.contains(v))
-            .unwrap_or(crate::version::LATEST);
+    /// The spec's error result, labelled `cni_version` (the caller picks it: see
+    /// `spec::reply_version`).
+    pub fn to_cni_json(&self, cni_version: &str) -> String {
         let (msg, details) = match self {
             PluginError::Datapath { context, source } => (context.clone(), source.to_string()),
             other => (other.to_string(), String::new()),
         };
-        let mut body = json!({ "cniVersion": version, "code": self.code(), "msg": msg });
+        let mut body = json!({ "cniVersion": cni_version, "code": self.code(), "msg": msg });
         if !details.is_empty() {
             body["details"] = json!(details);
         }
