@@ -183,3 +183,6 @@ fn validate_ifname(name: &str) -> Result<(), PluginError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;

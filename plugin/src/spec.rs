@@ -56,3 +56,6 @@ pub fn require_supported(version: &str, command: Command) -> Result<(), PluginEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
