@@ -145,52 +145,48 @@ fn network_wide_commands_need_no_attachment_variables() {
     }
 }
 
-#[test]
-fn container_ids_that_would_escape_a_file_name_are_refused() {
-    let long_ok = "a".repeat(128);
-    for id in ["abc", "A-b_c.1", long_ok.as_str()] {
-        let env = with(&add_env(), "CNI_CONTAINERID", id);
-        assert!(parse(&env, CONF).0.is_ok(), "{id:?}");
+/// ADD with `variable` set to each of `accepted` parses; to each of `refused`, fails
+/// naming the variable.
+fn assert_validated(variable: &str, accepted: &[&str], refused: &[&str]) {
+    for value in accepted {
+        let env = with(&add_env(), variable, value);
+        assert!(parse(&env, CONF).0.is_ok(), "{variable}={value:?}");
     }
-    let too_long = "a".repeat(129);
-    for id in [
-        "a/b",
-        "../etc",
-        "a b",
-        "a+b",
-        "a%2F",
-        "é",
-        too_long.as_str(),
-    ] {
-        let env = with(&add_env(), "CNI_CONTAINERID", id);
+    for value in refused {
+        let env = with(&add_env(), variable, value);
+        let err = env_error(&env, CONF);
         assert!(
-            env_error(&env, CONF).contains("invalid CNI_CONTAINERID"),
-            "{id:?}"
+            err.contains(&format!("invalid {variable}")),
+            "{value:?}: {err}"
         );
     }
 }
 
 #[test]
+fn container_ids_that_would_escape_a_file_name_are_refused() {
+    let (longest, too_long) = ("a".repeat(128), "a".repeat(129));
+    assert_validated(
+        "CNI_CONTAINERID",
+        &["abc", "A-b_c.1", &longest],
+        &["a/b", "../etc", "a b", "a+b", "a%2F", "é", &too_long],
+    );
+}
+
+#[test]
 fn interface_names_the_kernel_would_refuse_are_refused() {
-    for name in ["eth0", "net1.100", "a-very-long-if1"] {
-        let env = with(&add_env(), "CNI_IFNAME", name);
-        assert!(parse(&env, CONF).0.is_ok(), "{name:?}");
-    }
-    for name in [
-        ".",
-        "..",
-        "eth/0",
-        "eth:0",
-        "eth 0",
-        "eth\t0",
-        "sixteen-chars-xx",
-    ] {
-        let env = with(&add_env(), "CNI_IFNAME", name);
-        assert!(
-            env_error(&env, CONF).contains("invalid CNI_IFNAME"),
-            "{name:?}"
-        );
-    }
+    assert_validated(
+        "CNI_IFNAME",
+        &["eth0", "net1.100", "fifteen-chars-x"],
+        &[
+            ".",
+            "..",
+            "eth/0",
+            "eth:0",
+            "eth 0",
+            "eth\t0",
+            "sixteen-chars-xx",
+        ],
+    );
 }
 
 #[test]
