@@ -104,9 +104,12 @@ impl<'de> Deserialize<'de> for AttachMode {
 }
 
 fn kernel_has_tcx() -> bool {
-    let Ok(release) = fs::read_to_string("/proc/sys/kernel/osrelease") else {
-        return false;
-    };
+    fs::read_to_string("/proc/sys/kernel/osrelease").is_ok_and(|release| release_has_tcx(&release))
+}
+
+/// Whether a kernel release (`/proc/sys/kernel/osrelease`) is 6.6 or later; one that
+/// does not parse counts as older.
+fn release_has_tcx(release: &str) -> bool {
     let mut parts = release
         .trim()
         .split(['.', '-'])
@@ -309,3 +312,6 @@ fn is_errno<E: std::error::Error + 'static>(err: &E, errno: i32) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests;

@@ -71,13 +71,17 @@ pub fn link_details(ifname: &str) -> Result<LinkDetails> {
             Error::io(format!("RTM_GETLINK {ifname}"), e)
         }
     })?;
-    let msg = replies
+    let (_, body) = replies
         .iter()
         .find(|(ty, _)| *ty == RTM_NEWLINK)
         .ok_or_else(|| Error::NoSuchInterface(ifname.to_owned()))?;
-    let body = &msg.1;
+    parse_link(body).ok_or_else(|| Error::Invalid("short RTM_NEWLINK".into()))
+}
+
+/// An RTM_NEWLINK body: struct ifinfomsg, then attributes. `None` when too short.
+fn parse_link(body: &[u8]) -> Option<LinkDetails> {
     if body.len() < 16 {
-        return Err(Error::Invalid("short RTM_NEWLINK".into()));
+        return None;
     }
     let mut details = LinkDetails {
         ifindex: i32::from_ne_bytes(body[4..8].try_into().unwrap()) as u32,
@@ -102,7 +106,7 @@ pub fn link_details(ifname: &str) -> Result<LinkDetails> {
             _ => {}
         }
     }
-    Ok(details)
+    Some(details)
 }
 
 /// The id the current thread's namespace uses for the namespace `ns` refers to (the
@@ -114,6 +118,11 @@ pub fn netns_id(ns: std::os::fd::BorrowedFd<'_>) -> Result<Option<i32>> {
     push_attr(&mut req, NETNSA_FD, &fd.to_ne_bytes());
     let replies =
         request(RTM_GETNSID, NLM_F_REQUEST, &req).map_err(|e| Error::io("RTM_GETNSID", e))?;
+    Ok(parse_nsid(&replies))
+}
+
+/// The assigned id in RTM_NEWNSID replies (struct rtgenmsg padded to 4, attributes).
+fn parse_nsid(replies: &[(u16, Vec<u8>)]) -> Option<i32> {
     let id = replies
         .iter()
         .filter(|(ty, body)| *ty == RTM_NEWNSID && body.len() >= 4)
@@ -121,7 +130,7 @@ pub fn netns_id(ns: std::os::fd::BorrowedFd<'_>) -> Result<Option<i32>> {
         .find(|(ty, value)| *ty == NETNSA_NSID && value.len() >= 4)
         .map(|(_, value)| i32::from_ne_bytes(value[..4].try_into().unwrap()));
     // NETNSA_NSID_NOT_ASSIGNED is -1.
-    Ok(id.filter(|id| *id >= 0))
+    id.filter(|id| *id >= 0)
 }
 
 fn clsact_parent(hook: Hook) -> u32 {
@@ -231,38 +240,43 @@ pub fn bpf_filters(ifindex: u32, hook: Hook) -> Result<Vec<BpfFilter>> {
         }
         Err(e) => return Err(Error::io(format!("RTM_GETTFILTER ifindex {ifindex}"), e)),
     };
-    let mut out = Vec::new();
-    for (ty, body) in replies {
-        if ty != RTM_NEWTFILTER || body.len() < 20 {
-            continue;
-        }
-        let handle = u32::from_ne_bytes(body[8..12].try_into().unwrap());
-        let info = u32::from_ne_bytes(body[16..20].try_into().unwrap());
-        let priority = (info >> 16) as u16;
-        let mut is_bpf = false;
-        let mut id = None;
-        for (attr_ty, value) in attrs(&body[20..]) {
-            match attr_ty {
-                TCA_KIND => is_bpf = value.starts_with(b"bpf"),
-                TCA_OPTIONS => {
-                    for (opt_ty, opt) in attrs(value) {
-                        if opt_ty == TCA_BPF_ID && opt.len() >= 4 {
-                            id = Some(u32::from_ne_bytes(opt[..4].try_into().unwrap()));
-                        }
+    Ok(replies
+        .iter()
+        .filter(|(ty, _)| *ty == RTM_NEWTFILTER)
+        .filter_map(|(_, body)| parse_bpf_filter(body))
+        .collect())
+}
+
+/// An RTM_NEWTFILTER body (struct tcmsg, then attributes); `None` unless it is a cls_bpf
+/// filter with a program.
+fn parse_bpf_filter(body: &[u8]) -> Option<BpfFilter> {
+    if body.len() < 20 {
+        return None;
+    }
+    let handle = u32::from_ne_bytes(body[8..12].try_into().unwrap());
+    let info = u32::from_ne_bytes(body[16..20].try_into().unwrap());
+    let priority = (info >> 16) as u16;
+    let mut is_bpf = false;
+    let mut id = None;
+    for (attr_ty, value) in attrs(&body[20..]) {
+        match attr_ty {
+            TCA_KIND => is_bpf = value.starts_with(b"bpf"),
+            TCA_OPTIONS => {
+                for (opt_ty, opt) in attrs(value) {
+                    if opt_ty == TCA_BPF_ID && opt.len() >= 4 {
+                        id = Some(u32::from_ne_bytes(opt[..4].try_into().unwrap()));
                     }
                 }
-                _ => {}
             }
-        }
-        if let (true, Some(program_id)) = (is_bpf, id) {
-            out.push(BpfFilter {
-                priority,
-                handle,
-                program_id,
-            });
+            _ => {}
         }
     }
-    Ok(out)
+    let program_id = id?;
+    is_bpf.then_some(BpfFilter {
+        priority,
+        handle,
+        program_id,
+    })
 }
 
 fn nul_terminated(s: &str) -> Vec<u8> {
@@ -358,31 +372,42 @@ fn request(msg_type: u16, flags: u16, payload: &[u8]) -> io::Result<Vec<(u16, Ve
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut chunk = &buf[..n as usize];
-        while chunk.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes(chunk[0..4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes([chunk[4], chunk[5]]);
-            if len < NLMSG_HDRLEN || len > chunk.len() {
-                break;
-            }
-            let body = &chunk[NLMSG_HDRLEN..len];
-            match ty {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap_or([0; 4]));
-                    if errno != 0 {
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
-                    return Ok(out); // ACK
-                }
-                _ => out.push((ty, body.to_vec())),
-            }
-            chunk = &chunk[align4(len).min(chunk.len())..];
+        if let Some(end) = read_messages(&buf[..n as usize], &mut out) {
+            return end.map(|()| out);
         }
         if !dump && !out.is_empty() {
             return Ok(out);
         }
     }
+}
+
+/// Appends the messages of one received datagram to `out`, up to a truncated one.
+/// `Some` when the answer ends in it: NLMSG_DONE, an ACK, or the kernel's error.
+fn read_messages(mut datagram: &[u8], out: &mut Vec<(u16, Vec<u8>)>) -> Option<io::Result<()>> {
+    while datagram.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes(datagram[0..4].try_into().unwrap()) as usize;
+        let ty = u16::from_ne_bytes([datagram[4], datagram[5]]);
+        if len < NLMSG_HDRLEN || len > datagram.len() {
+            break;
+        }
+        let body = &datagram[NLMSG_HDRLEN..len];
+        match ty {
+            NLMSG_DONE => return Some(Ok(())),
+            NLMSG_ERROR => {
+                // A body too short for the errno cannot be an error report: an ACK.
+                let errno = body
+                    .get(0..4)
+                    .map_or(0, |e| i32::from_ne_bytes(e.try_into().unwrap()));
+                if errno != 0 {
+                    return Some(Err(io::Error::from_raw_os_error(-errno)));
+                }
+                return Some(Ok(())); // ACK
+            }
+            _ => out.push((ty, body.to_vec())),
+        }
+        datagram = &datagram[align4(len).min(datagram.len())..];
+    }
+    None
 }
 
 /// A socket that receives the kernel's notifications about links and tc objects
@@ -437,3 +462,6 @@ impl ChangeWatch {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -444,6 +444,127 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn hostile_fields_round_trip_into_one_plain_file_name() {
+        let long = "x".repeat(200);
+        let fields = [
+            "",
+            ".",
+            "..",
+            "../../etc",
+            "/",
+            "a/b",
+            "%",
+            "%41",
+            "+",
+            "~",
+            "a b",
+            "tab\t",
+            "nl\n",
+            "nul\0",
+            "é",
+            "日本",
+            "🦀",
+            "e\u{301}",
+            "-_",
+            &long,
+        ];
+        let dir = PinLayout::new("/sys/fs/bpf/egress-deny");
+        for field in fields {
+            for id in [
+                AttachmentId::new(field, "c", "eth0"),
+                AttachmentId::new("net", field, "eth0"),
+                AttachmentId::new("net", "c", field),
+            ] {
+                let name = id.name();
+                assert!(
+                    name.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-+%".contains(&b)),
+                    "{name}"
+                );
+                assert_eq!(name.matches('+').count(), 3, "{name}");
+                assert_eq!(AttachmentId::parse_name(&name), Some(id.clone()), "{name}");
+                assert_eq!(dir.pod_link_for(&id).parent(), Some(&*dir.links_dir()));
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_are_uppercase_per_byte_and_only_canonical_ones_parse() {
+        assert_eq!(
+            AttachmentId::new("a.b", "é", "x/y").name(),
+            "pod+a%2Eb+%C3%A9+x%2Fy"
+        );
+        for name in [
+            "pod+n+c+%c3%a9",
+            "pod+n+c+%FF",
+            "pod+n+c+%G1",
+            "pod+n+c+%",
+            "pod+n+c+%%",
+            "pod+n+c+-%2",
+            "pod+n+c+%2D",
+            "pod+n+c+a/b",
+            "pod+n+c+é",
+            "pod+",
+            "",
+        ] {
+            assert_eq!(AttachmentId::parse_name(name), None, "{name}");
+        }
+        assert_eq!(
+            AttachmentId::parse_name("pod+n+c+%2B").map(|id| id.ifname),
+            Some("+".to_owned())
+        );
+        assert_eq!(
+            AttachmentId::parse_name("pod+++"),
+            Some(AttachmentId::new("", "", ""))
+        );
+    }
+
+    #[test]
+    fn the_length_limit_counts_escaped_bytes() {
+        // "pod+n+" + container + "+e": 8 bytes besides the container ID.
+        let at_limit = AttachmentId::new("n", &"a".repeat(MAX_ATTACHMENT_NAME - 8), "e");
+        assert_eq!(at_limit.name().len(), MAX_ATTACHMENT_NAME);
+        assert!(at_limit.check_length().is_ok());
+        let over = AttachmentId::new("n", &"a".repeat(MAX_ATTACHMENT_NAME - 7), "e");
+        let err = over.check_length().unwrap_err();
+        assert!(err.contains("231 bytes (at most 230)"), "{err}");
+        // 'é' is two bytes, each written as three.
+        let wide = AttachmentId::new("n", &"é".repeat(38), "e");
+        assert_eq!(wide.name().len(), 8 + 38 * 6);
+        assert!(wide.check_length().is_err());
+    }
+
+    #[test]
+    fn host_names_stay_in_their_directory_and_read_back() {
+        let state = StateLayout::new("/run/egress-deny");
+        for ifname in ["eth0", "eth0.100", "..", "a/../../b", "é"] {
+            let record = state.host_record(ifname);
+            assert_eq!(record.parent(), Some(&*state.host_attachments_dir()));
+            let file = record.file_name().unwrap().to_str().unwrap();
+            assert_eq!(file.matches('.').count(), 1, "{file}");
+        }
+        let pins = PinLayout::new("/sys/fs/bpf/egress-deny");
+        let link = pins.host_link("eth0.100");
+        let name = link.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, "host_eth0~100");
+        assert_eq!(host_link_ifname(name).as_deref(), Some("eth0.100"));
+        assert_eq!(host_link_ifname("pod+n+c+i"), None);
+    }
+
+    #[test]
+    fn legacy_names_are_ambiguous_which_is_why_they_were_replaced() {
+        assert_eq!(
+            legacy_pod_link_name("a_b", "c"),
+            legacy_pod_link_name("a", "b_c")
+        );
+        assert_eq!(legacy_pod_link_name("c1", "x.y"), "pod_c1_x~y");
+        assert_eq!(
+            legacy_pod_link_name("c1", "x.y"),
+            legacy_pod_link_name("c1", "x~y")
+        );
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "egress-deny-paths-{}-{:?}",

@@ -14,29 +14,45 @@ use anyhow::{Context, Result, bail};
 pub fn default_routes() -> Vec<(String, Option<IpAddr>)> {
     let mut out = Vec::new();
     if let Ok(text) = fs::read_to_string("/proc/net/route") {
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000" {
-                let gw = u32::from_str_radix(f[2], 16).ok().filter(|g| *g != 0);
-                // The kernel prints the gateway in host (little-endian) byte order.
-                out.push((
-                    f[0].to_owned(),
-                    gw.map(|g| IpAddr::V4(Ipv4Addr::from(g.swap_bytes()))),
-                ));
-            }
-        }
+        out.extend(ipv4_default_routes(&text));
     }
     if let Ok(text) = fs::read_to_string("/proc/net/ipv6_route") {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() >= 10
-                && f[0] == "00000000000000000000000000000000"
-                && f[1] == "00"
-                && f[9] != "lo"
-            {
-                let gw = u128::from_str_radix(f[4], 16).ok().filter(|g| *g != 0);
-                out.push((f[9].to_owned(), gw.map(|g| IpAddr::V6(Ipv6Addr::from(g)))));
-            }
+        out.extend(ipv6_default_routes(&text));
+    }
+    out
+}
+
+/// The default routes in the text of /proc/net/route (a header line, then one route a
+/// line); a malformed line is skipped.
+fn ipv4_default_routes(text: &str) -> Vec<(String, Option<IpAddr>)> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000" {
+            let gw = u32::from_str_radix(f[2], 16).ok().filter(|g| *g != 0);
+            // The kernel prints the gateway in host (little-endian) byte order.
+            out.push((
+                f[0].to_owned(),
+                gw.map(|g| IpAddr::V4(Ipv4Addr::from(g.swap_bytes()))),
+            ));
+        }
+    }
+    out
+}
+
+/// The default routes in the text of /proc/net/ipv6_route (no header), but the
+/// loopback's unreachable one; a malformed line is skipped.
+fn ipv6_default_routes(text: &str) -> Vec<(String, Option<IpAddr>)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 10
+            && f[0] == "00000000000000000000000000000000"
+            && f[1] == "00"
+            && f[9] != "lo"
+        {
+            let gw = u128::from_str_radix(f[4], 16).ok().filter(|g| *g != 0);
+            out.push((f[9].to_owned(), gw.map(|g| IpAddr::V6(Ipv6Addr::from(g)))));
         }
     }
     out
@@ -108,3 +124,6 @@ pub fn install_binary(source: &Path, bin_dir: &Path, name: &str) -> io::Result<b
     })?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests;

@@ -231,28 +231,55 @@ fn cgroup_memory() -> Option<(u64, u64)> {
             .parse()
             .ok()
     };
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    for line in own.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-        let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "memory") {
-            let dir = root.join("memory").join(path);
-            return Some((
-                read(&dir, "memory.limit_in_bytes")?,
-                read(&dir, "memory.usage_in_bytes")?,
-            ));
-        }
-        if controllers.is_empty() {
-            let dir = root.join(path);
-            if let (Some(max), Some(current)) =
-                (read(&dir, "memory.max"), read(&dir, "memory.current"))
-            {
-                return Some((max, current));
+    for cgroup in memory_cgroups(&own) {
+        match cgroup {
+            MemoryCgroup::V1(dir) => {
+                return Some((
+                    read(&dir, "memory.limit_in_bytes")?,
+                    read(&dir, "memory.usage_in_bytes")?,
+                ));
+            }
+            MemoryCgroup::V2(dir) => {
+                if let (Some(max), Some(current)) =
+                    (read(&dir, "memory.max"), read(&dir, "memory.current"))
+                {
+                    return Some((max, current));
+                }
             }
         }
     }
     None
+}
+
+/// A cgroup directory that may hold this process's memory limit.
+#[derive(Debug, PartialEq, Eq)]
+enum MemoryCgroup {
+    /// A v1 hierarchy with the memory controller.
+    V1(std::path::PathBuf),
+    /// The v2 (unified) hierarchy: it has the memory controller where memory.max exists.
+    V2(std::path::PathBuf),
+}
+
+/// The candidates `/proc/self/cgroup` (`id:controllers:path` lines) names, in its order,
+/// up to the first malformed line.
+fn memory_cgroups(own: &str) -> Vec<MemoryCgroup> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut out = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            break;
+        };
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            out.push(MemoryCgroup::V1(root.join("memory").join(path)));
+        } else if controllers.is_empty() {
+            out.push(MemoryCgroup::V2(root.join(path)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -306,6 +333,46 @@ mod tests {
             .to_string();
         assert!(err.contains("raise the DaemonSet's memory limit"), "{err}");
         assert!(fits_cgroup(10 << 20, 512 << 20, 400 << 20).is_ok());
+    }
+
+    fn v1(path: &str) -> MemoryCgroup {
+        MemoryCgroup::V1(std::path::Path::new("/sys/fs/cgroup/memory").join(path))
+    }
+
+    fn v2(path: &str) -> MemoryCgroup {
+        MemoryCgroup::V2(std::path::Path::new("/sys/fs/cgroup").join(path))
+    }
+
+    #[test]
+    fn the_memory_cgroup_is_found_in_v1_v2_and_hybrid_layouts() {
+        let pod = "kubepods/burstable/pod5f0c/0a1b2c";
+        let v1_only = format!(
+            "12:pids:/{pod}\n11:cpu,memory:/{pod}\n10:cpu,cpuacct:/{pod}\n1:name=systemd:/{pod}\n"
+        );
+        assert_eq!(memory_cgroups(&v1_only), vec![v1(pod)]);
+        // A private cgroup namespace shows its root; the host's shows the whole path.
+        assert_eq!(memory_cgroups("0::/\n"), vec![v2("")]);
+        let scope = "kubepods.slice/kubepods-pod5f0c.slice/cri-containerd-0a1b.scope";
+        assert_eq!(memory_cgroups(&format!("0::/{scope}\n")), vec![v2(scope)]);
+        let hybrid = format!("4:memory:/{pod}\n1:name=systemd:/{pod}\n0::/{pod}\n");
+        assert_eq!(memory_cgroups(&hybrid), vec![v1(pod), v2(pod)]);
+    }
+
+    #[test]
+    fn odd_cgroup_lines_end_or_skip_cleanly() {
+        assert_eq!(memory_cgroups(""), vec![]);
+        // The controller must match whole, not as a prefix.
+        assert_eq!(memory_cgroups("3:memoryx:/a\n"), vec![]);
+        // The path is everything after the second colon.
+        assert_eq!(memory_cgroups("0::/a:b\n"), vec![v2("a:b")]);
+        // Nothing after a malformed line counts: the file is not what we think it is.
+        for text in [
+            "0::/a\ngarbage\n0::/b\n",
+            "0::/a\n1:memory\n0::/b\n",
+            "0::/a\n\n0::/b",
+        ] {
+            assert_eq!(memory_cgroups(text), vec![v2("a")], "{text:?}");
+        }
     }
 
     #[test]

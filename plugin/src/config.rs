@@ -124,3 +124,6 @@ fn default_log_level() -> String {
 fn default_log_target() -> String {
     "syslog".into()
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,5 @@
-//! Plugin errors and their CNI error codes, mapped in this one place.
+//! Plugin errors and their CNI error codes, mapped in this one place. Depends on no
+//! other module of the plugin: they all return these.
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,20 +67,84 @@ impl PluginError {
         }
     }
 
-    /// The spec's error result, in the request's cniVersion; the highest we support
-    /// when the configuration could not be read or asked for a version we lack.
-    pub fn to_cni_json(&self) -> String {
-        let version = crate::skel::requested_version()
-            .filter(|v| crate::version::SUPPORTED.contains(v))
-            .unwrap_or(crate::version::LATEST);
+    /// The spec's error result, labelled `cni_version` (the caller picks it: see
+    /// `spec::reply_version`).
+    pub fn to_cni_json(&self, cni_version: &str) -> String {
         let (msg, details) = match self {
             PluginError::Datapath { context, source } => (context.clone(), source.to_string()),
             other => (other.to_string(), String::new()),
         };
-        let mut body = json!({ "cniVersion": version, "code": self.code(), "msg": msg });
+        let mut body = json!({ "cniVersion": cni_version, "code": self.code(), "msg": msg });
         if !details.is_empty() {
             body["details"] = json!(details);
         }
         body.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn cni_json(err: &PluginError, cni_version: &str) -> Value {
+        serde_json::from_str(&err.to_cni_json(cni_version)).unwrap()
+    }
+
+    #[test]
+    fn the_error_result_carries_the_given_version_code_and_message() {
+        let err = PluginError::InvalidEnvironment("CNI_IFNAME is not set".into());
+        assert_eq!(
+            cni_json(&err, "0.4.0"),
+            json!({
+                "cniVersion": "0.4.0",
+                "code": 4,
+                "msg": "invalid environment: CNI_IFNAME is not set",
+            })
+        );
+    }
+
+    #[test]
+    fn datapath_errors_put_their_cause_in_details() {
+        let source = egress_deny_datapath::Error::Invalid("short RTM_NEWLINK".into());
+        let err = PluginError::datapath("attaching to cali1", source);
+        assert_eq!(
+            cni_json(&err, "1.1.0"),
+            json!({
+                "cniVersion": "1.1.0",
+                "code": 101,
+                "msg": "attaching to cali1",
+                "details": "short RTM_NEWLINK",
+            })
+        );
+    }
+
+    #[test]
+    fn a_missing_installation_is_try_again_later() {
+        let source = egress_deny_datapath::Error::NotInstalled {
+            path: "/sys/fs/bpf/egress-deny/egress_deny".into(),
+        };
+        let err = PluginError::datapath("attaching", source);
+        assert!(matches!(err, PluginError::NotReady(_)), "{err:?}");
+        assert_eq!(err.code(), 11);
+        assert!(cni_json(&err, "1.1.0").get("details").is_none());
+    }
+
+    #[test]
+    fn codes_follow_the_spec_and_plugin_codes_start_at_100() {
+        let codes = [
+            (PluginError::IncompatibleVersion(String::new()), 1),
+            (PluginError::InvalidEnvironment(String::new()), 4),
+            (PluginError::Decode(String::new()), 6),
+            (PluginError::InvalidConfig(String::new()), 7),
+            (PluginError::NotReady(String::new()), 11),
+            (PluginError::NotAvailable(String::new()), 50),
+            (PluginError::CheckFailed(String::new()), 100),
+            (PluginError::Other(String::new()), 999),
+        ];
+        for (err, code) in codes {
+            assert_eq!(err.code(), code, "{err:?}");
+        }
     }
 }

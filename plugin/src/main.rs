@@ -12,16 +12,17 @@ mod gc;
 mod logging;
 mod pod;
 mod skel;
+mod spec;
 mod status;
 mod version;
 
 use std::process::ExitCode;
 
 use error::PluginError;
-use skel::Command;
+use spec::Command;
 
 fn main() -> ExitCode {
-    let invocation = skel::Invocation::from_process();
+    let (invocation, requested_version) = skel::Invocation::from_process();
     logging::init(
         invocation
             .as_ref()
@@ -54,7 +55,8 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             log::error!("{err}");
-            println!("{}", err.to_cni_json());
+            let cni_version = spec::reply_version(requested_version.as_deref());
+            println!("{}", err.to_cni_json(cni_version));
             ExitCode::FAILURE
         }
     }

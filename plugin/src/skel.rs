@@ -1,20 +1,14 @@
 //! The CNI calling convention: command and parameters from the environment, the
 //! network configuration on stdin.
-use std::{collections::HashMap, io::Read, path::PathBuf, sync::OnceLock};
+use std::{collections::HashMap, io::Read, path::PathBuf};
 
 use serde_json::Value;
 
-use crate::{config::NetConf, error::PluginError, version};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
-    Add,
-    Del,
-    Check,
-    Gc,
-    Status,
-    Version,
-}
+use crate::{
+    config::NetConf,
+    error::PluginError,
+    spec::{self, Command},
+};
 
 pub struct Invocation {
     pub command: Command,
@@ -29,23 +23,31 @@ pub struct Invocation {
     pub raw: Value,
 }
 
-static REQUESTED_VERSION: OnceLock<String> = OnceLock::new();
-
-/// The cniVersion of the request, once known (error results use it).
-pub fn requested_version() -> Option<&'static str> {
-    REQUESTED_VERSION.get().map(String::as_str)
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn required_env(name: &str) -> Result<String, PluginError> {
-    env(name).ok_or_else(|| PluginError::InvalidEnvironment(format!("{name} is not set")))
-}
-
 impl Invocation {
-    pub fn from_process() -> Result<Self, PluginError> {
+    /// The invocation of this process, and the request's cniVersion whenever stdin was
+    /// read that far (error results answer in it, even when the invocation is invalid).
+    pub fn from_process() -> (Result<Self, PluginError>, Option<String>) {
+        let mut requested_version = None;
+        let invocation = Self::parse(
+            |name| std::env::var(name).ok(),
+            std::io::stdin().lock(),
+            &mut requested_version,
+        );
+        (invocation, requested_version)
+    }
+
+    /// [`Self::from_process`] with the environment as a lookup and stdin as a reader.
+    /// stdin is read only once CNI_COMMAND is valid.
+    fn parse(
+        lookup: impl Fn(&str) -> Option<String>,
+        mut stdin: impl Read,
+        requested_version: &mut Option<String>,
+    ) -> Result<Self, PluginError> {
+        // An empty variable counts as unset.
+        let env = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let required_env = |name: &str| {
+            env(name).ok_or_else(|| PluginError::InvalidEnvironment(format!("{name} is not set")))
+        };
         let command = match env("CNI_COMMAND").as_deref() {
             Some("ADD") => Command::Add,
             Some("DEL") => Command::Del,
@@ -65,18 +67,18 @@ impl Invocation {
             }
         };
 
-        let mut stdin = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut stdin)
+        let mut input = Vec::new();
+        stdin
+            .read_to_end(&mut input)
             .map_err(|e| PluginError::Decode(format!("reading stdin: {e}")))?;
-        let raw: Value = if stdin.iter().all(u8::is_ascii_whitespace) && command == Command::Version
+        let raw: Value = if input.iter().all(u8::is_ascii_whitespace) && command == Command::Version
         {
             Value::Object(Default::default())
         } else {
-            serde_json::from_slice(&stdin).map_err(|e| PluginError::Decode(e.to_string()))?
+            serde_json::from_slice(&input).map_err(|e| PluginError::Decode(e.to_string()))?
         };
         if let Some(v) = raw.get("cniVersion").and_then(Value::as_str) {
-            let _ = REQUESTED_VERSION.set(v.to_owned());
+            *requested_version = Some(v.to_owned());
         }
 
         let per_attachment = matches!(command, Command::Add | Command::Del | Command::Check);
@@ -109,7 +111,7 @@ impl Invocation {
         } else {
             let conf: NetConf = serde_json::from_value(raw.clone())
                 .map_err(|e| PluginError::InvalidConfig(e.to_string()))?;
-            version::require_supported(&conf.cni_version, command)?;
+            spec::require_supported(&conf.cni_version, command)?;
             Some(conf)
         };
         Ok(Self {
@@ -181,3 +183,6 @@ fn validate_ifname(name: &str) -> Result<(), PluginError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;
