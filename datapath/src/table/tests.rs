@@ -2,6 +2,8 @@
 //! random rule sets, layouts, limits and malformed images.
 use std::{collections::HashMap, time::Instant};
 
+use egress_deny_common::TABLE_MAGIC;
+
 use super::*;
 
 /// splitmix64: deterministic, no dependency.
@@ -322,7 +324,7 @@ fn empty_set_is_one_range_of_no_rule() {
     );
     let img = compile_to_vec::<u128>(&[], Layout::default()).unwrap();
     assert_eq!(ranges_of::<u128>(&img), vec![(0, None)]);
-    let h = TableView::<u128>::parse(&img).unwrap().header;
+    let h = *TableView::<u128>::parse(&img).unwrap().header();
     assert_eq!(
         (h.direct_bits, h.direct_block, h.range_block, h.blocks),
         (TABLE_MIN_DIRECT_BITS, 1, 2, 3)
