@@ -1,6 +1,9 @@
 //! Replies are built by hand, byte by byte, the way the kernel lays them out.
-use super::*;
-use crate::attach::{NETLINK_HANDLE, NETLINK_PRIORITY};
+use super::{link::*, tc::*, wire::*};
+use crate::{
+    attach::{NETLINK_HANDLE, NETLINK_PRIORITY},
+    hook::Hook,
+};
 
 const IFLA_INFO_DATA: u16 = 2;
 const NLA_F_NET_BYTEORDER: u16 = 0x4000;
