@@ -4,8 +4,9 @@ use egress_deny_common::CounterKey;
 pub use egress_deny_common::Counters;
 
 use crate::{
-    error::{Error, Result, is_missing, missing_is_not_installed},
+    error::{Error, Result, is_missing},
     paths::{COUNTERS_MAP, PinLayout},
+    pinned::open_pinned_map,
 };
 
 pub struct CounterMap {
@@ -14,14 +15,13 @@ pub struct CounterMap {
 
 impl CounterMap {
     pub fn open(layout: &PinLayout) -> Result<Self> {
-        let path = layout.map(COUNTERS_MAP);
-        let data = MapData::from_pin(&path).map_err(|e| match e {
-            MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
-            other => Error::map(format!("opening {}", path.display()), other),
-        })?;
+        let data = open_pinned_map(layout, COUNTERS_MAP)?;
         let map = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|e| {
             Error::map(
-                format!("{} is not the expected per-CPU hash", path.display()),
+                format!(
+                    "{} is not the expected per-CPU hash",
+                    layout.map(COUNTERS_MAP).display()
+                ),
                 e,
             )
         })?;

@@ -2,28 +2,21 @@
 //! per attachment and CPU; the installer reads them and logs who was denied what.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::{Array, Map, MapData, MapError, RingBuf};
+use aya::maps::{Array, Map, MapData, RingBuf};
 use egress_deny_common::{
     CONFIG_RULES_LOADED, DatapathConfig, DenyEvent, FAMILY_NAT64, FAMILY_V4, FAMILY_V6,
 };
 use ipnet::IpNet;
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result},
     paths::{CONFIG_MAP, EVENTS_MAP, PinLayout},
+    pinned::open_pinned_map,
 };
-
-fn open_pinned(layout: &PinLayout, name: &str) -> Result<MapData> {
-    let path = layout.map(name);
-    MapData::from_pin(&path).map_err(|e| match e {
-        MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
-        other => Error::map(format!("opening {}", path.display()), other),
-    })
-}
 
 fn read_config(layout: &PinLayout) -> Result<(Array<MapData, DatapathConfig>, DatapathConfig)> {
     let config: Array<MapData, DatapathConfig> =
-        Array::try_from(Map::Array(open_pinned(layout, CONFIG_MAP)?))
+        Array::try_from(Map::Array(open_pinned_map(layout, CONFIG_MAP)?))
             .map_err(|e| Error::map("config map", e))?;
     let value = config
         .get(&0, 0)
@@ -109,7 +102,7 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn open(layout: &PinLayout) -> Result<Self> {
-        let ring = RingBuf::try_from(Map::RingBuf(open_pinned(layout, EVENTS_MAP)?))
+        let ring = RingBuf::try_from(Map::RingBuf(open_pinned_map(layout, EVENTS_MAP)?))
             .map_err(|e| Error::map("events ring buffer", e))?;
         Ok(Self { ring })
     }

@@ -21,6 +21,7 @@ pub mod netlink;
 pub mod netns;
 pub mod order;
 pub mod paths;
+mod pinned;
 pub mod records;
 pub mod rules;
 pub mod settings;

@@ -3,13 +3,14 @@
 //! read by the plugin (does an excluded pod need the exempt program?) and by `lookup`.
 use std::net::Ipv6Addr;
 
-use aya::maps::{Array, Map, MapData, MapError};
+use aya::maps::{Array, Map, MapData};
 use egress_deny_common::{MAX_NAT64_PREFIXES, Settings};
 use ipnet::Ipv6Net;
 
 use crate::{
-    error::{Error, Result, missing_is_not_installed},
+    error::{Error, Result},
     paths::{PinLayout, SETTINGS_MAP},
+    pinned::open_pinned_map,
 };
 
 /// Settings in userspace terms.
@@ -75,11 +76,7 @@ impl DatapathSettings {
 }
 
 fn open(layout: &PinLayout) -> Result<Array<MapData, Settings>> {
-    let path = layout.map(SETTINGS_MAP);
-    let data = MapData::from_pin(&path).map_err(|e| match e {
-        MapError::SyscallError(s) => missing_is_not_installed(&path, s.io_error),
-        other => Error::map(format!("opening {}", path.display()), other),
-    })?;
+    let data = open_pinned_map(layout, SETTINGS_MAP)?;
     Array::try_from(Map::Array(data)).map_err(|e| Error::map("settings map", e))
 }
 
