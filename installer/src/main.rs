@@ -13,7 +13,6 @@ mod repair;
 mod rules;
 mod rules_tools;
 mod status;
-mod sync;
 mod verify;
 
 use std::process::ExitCode;

@@ -19,9 +19,8 @@ use ipnet::IpNet;
 use super::{Shared, upgrade};
 use crate::{
     commands::run::RunArgs,
-    rules::{self, Fingerprint, RulesError},
+    rules::{self, FamilySwap, Fingerprint, RulesError, SyncError, Syncer},
     status::{EnforcedRecord, RuleCounts, SyncStatus, TableStatus, now},
-    sync::{self, FamilySwap, SyncError, Syncer},
 };
 
 /// What a parse saw, to skip the next one when nothing changed.
@@ -106,7 +105,7 @@ impl RulesSync {
             }
         };
         let fingerprint = files.as_deref().and_then(|f| Fingerprint::of(f).ok());
-        let protections = sync::protected(&args.protect.0);
+        let protections = rules::protected(&args.protect.0);
         if let Some(seen) = &self.seen
             && seen.protections == protections
             && match (&fingerprint, &seen.fingerprint) {
@@ -180,7 +179,7 @@ impl RulesSync {
         self.said_empty = empty;
         let (files, lines) = (parsed.files, parsed.lines);
         let mut set = parsed.rules;
-        for warning in sync::add_protections(&mut set, protections) {
+        for warning in rules::add_protections(&mut set, protections) {
             log::warn!("{warning}");
         }
         if cancel.load(Ordering::Relaxed) {

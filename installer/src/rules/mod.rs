@@ -16,7 +16,10 @@
 //!   their [`Fingerprint`], opening them (gzip);
 //! - `parse`: the line format (comments, `!`, CIDR, address, range `A-B`, the fast IPv4 path);
 //! - `pipeline`: reading files in blocks and parsing them on several threads into a set;
-//! - `error`: [`RulesError`] and the [`Limits`] of one update.
+//! - `error`: [`RulesError`] and the [`Limits`] of one update;
+//! - `protect`: the destinations no rule may cut off, as allow-exceptions;
+//! - `budget`: whether the compiled tables fit (search bound, `--max-table-bytes`, cgroup);
+//! - `apply`: making a set the one in force, swapping only the families that changed.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -25,11 +28,15 @@ use std::{
 use egress_deny_datapath::{rules::Action, table::TableKey};
 use ipnet::IpNet;
 
+mod apply;
+mod budget;
 mod error;
 mod files;
 mod parse;
 mod pipeline;
+mod protect;
 
+pub use apply::{FamilySwap, SyncError, Syncer};
 pub use error::{DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE, DEFAULT_MAX_RULES, Limits, RulesError};
 pub use files::{Fingerprint, rule_files, shown, still_current};
 pub(crate) use files::{UTF8_BOM, open};
@@ -37,6 +44,7 @@ pub(crate) use parse::{fast_line, parse_rule, split_rule};
 #[cfg(test)]
 pub use pipeline::parse_dir;
 pub use pipeline::parse_files;
+pub use protect::{add_protections, protected};
 
 /// One rule: a truncated prefix and its action (`A` = u32 for IPv4, u128 for IPv6,
 /// host order, so that sorting is by address then length; 8 bytes for IPv4). The same
@@ -153,7 +161,7 @@ impl RuleSet {
 
     /// An order-sensitive 64-bit digest of the set: equal sets, equal digests. Lets a
     /// restarted daemon trust what its predecessor recorded instead of walking millions
-    /// of map entries (see `sync::Syncer::open`).
+    /// of map entries (see `apply::Syncer::open`).
     pub fn digest(&self) -> u64 {
         // FNV-1a over the fields; cheap (a few ms per million entries) and plenty to
         // tell two rule sets apart by accident.
@@ -235,7 +243,7 @@ fn sort_dedup<A: Address>(entries: &mut Vec<Entry<A>>) -> Option<(A, u8)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{fs, io::Write};
 
     use super::*;
@@ -247,6 +255,17 @@ mod tests {
             fs::write(dir.path().join(name), content).unwrap();
         }
         dir
+    }
+
+    /// IPv4 /32 deny rules on `addrs`, sorted.
+    pub(crate) fn host_denies(addrs: std::ops::Range<u32>) -> Vec<Entry<u32>> {
+        addrs
+            .map(|addr| Entry {
+                addr,
+                len: 32,
+                action: Action::Deny,
+            })
+            .collect()
     }
 
     pub(super) fn gz(text: &str) -> Vec<u8> {
