@@ -54,7 +54,7 @@ if ! command -v bpf-linker >/dev/null 2>&1 || [[ ! -e "$stamp" ]]; then
   touch "$stamp"
 fi
 
-# --- packaging tests (tests/tests/packaging.rs): manifest validation -------------------
+# --- packaging tests (tests/tests/packaging_*.rs): manifest validation -----------------
 # Offline Kubernetes schemas and a security scan, in a private venv. Pinned: a new
 # checkov release adds checks, a new kubernetes-validate a new default Kubernetes version;
 # bump them deliberately. `kubectl kustomize` renders the kustomizations: kubectl comes

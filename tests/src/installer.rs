@@ -3,7 +3,7 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -155,27 +155,38 @@ impl InstallerDirs {
     /// `publish_rules`, returning the moment of the `..data` rename (after the files
     /// were written), which is when kubelet's update becomes visible.
     pub fn publish_rules_timed(&self, files: &[(&str, &[u8])]) -> Result<std::time::Instant> {
-        let dir = self.rules_dir();
-        let stamp = format!("..{}", random_suffix());
-        std::fs::create_dir(dir.join(&stamp))?;
-        for (name, content) in files {
-            std::fs::write(dir.join(&stamp).join(name), content)?;
-            let link = dir.join(name);
-            if std::fs::symlink_metadata(&link).is_err() {
-                std::os::unix::fs::symlink(format!("..data/{name}"), &link)?;
-            }
-        }
-        let tmp = dir.join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&stamp, &tmp)?;
-        let old = std::fs::read_link(dir.join("..data")).ok();
-        let renamed_at = std::time::Instant::now();
-        std::fs::rename(&tmp, dir.join("..data"))?;
-        if let Some(old) = old {
-            let _ = std::fs::remove_dir_all(dir.join(old));
-        }
-        Ok(renamed_at)
+        publish_like_kubelet(&self.rules_dir(), files)
     }
+}
+
+/// Publishes `files` in `dir` the way kubelet updates a ConfigMap volume: the files in a
+/// new hidden directory, each key a symlink through `..data`, then an atomic swap of the
+/// `..data` symlink and removal of the directory it pointed to. Returns the moment of the
+/// swap, when the update becomes visible.
+pub fn publish_like_kubelet<K: AsRef<str>, V: AsRef<[u8]>>(
+    dir: &Path,
+    files: &[(K, V)],
+) -> Result<std::time::Instant> {
+    let stamp = format!("..{}", random_suffix());
+    std::fs::create_dir(dir.join(&stamp))?;
+    for (name, content) in files {
+        let name = name.as_ref();
+        std::fs::write(dir.join(&stamp).join(name), content)?;
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link)?;
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let renamed_at = std::time::Instant::now();
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(dir.join(old));
+    }
+    Ok(renamed_at)
 }
 
 impl Drop for InstallerDirs {

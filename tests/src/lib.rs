@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod cni;
 pub mod installer;
+pub mod kubelet;
+pub mod manifests;
 pub mod packet;
 pub mod probe;
 pub mod topology;
@@ -54,6 +56,19 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
             "{program} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd`, failing with its stdout and stderr when it does not succeed.
+pub fn run_command(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
