@@ -15,12 +15,11 @@ use egress_deny_tests::{
     base64_decode, binary,
     cni::{CniNode, DENIED},
     installer::{Installer, InstallerDirs},
+    manifests,
     probe::ping,
-    require_root, run_with_input, wait_until,
+    require_root, wait_until,
 };
 use serde_json::Value;
-
-const VENV_PYTHON: &str = "/opt/egress-deny-venv/bin/python3";
 
 fn conf() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf")
@@ -40,17 +39,6 @@ fn gzip(text: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(text).unwrap();
     enc.finish().unwrap()
-}
-
-/// YAML → JSON with the venv's PyYAML (tests/setup.sh installs it with checkov).
-fn yaml_docs(text: &str) -> Result<Vec<Value>> {
-    let script = "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))";
-    let out = run_with_input(
-        Command::new(VENV_PYTHON).args(["-c", script]),
-        text.as_bytes(),
-    )
-    .context("PyYAML in the packaging venv (tests/setup.sh) failed to read the YAML")?;
-    Ok(serde_json::from_slice(&out)?)
 }
 
 /// `rules check --json`'s per-family counts.
@@ -181,9 +169,9 @@ fn configmaps_round_trip_through_a_kubelet_rules_dir_into_the_daemon() -> Result
     yaml_args[7] = "yaml";
     let yaml = installer(&yaml_args)?;
     assert!(yaml.status.success());
-    assert_eq!(&yaml_docs(&stdout(&yaml))?, configmaps);
+    assert_eq!(&manifests::yaml(&stdout(&yaml))?, configmaps);
     assert_eq!(
-        yaml_docs(&std::fs::read_to_string(&patch_s)?)?,
+        manifests::yaml(&std::fs::read_to_string(&patch_s)?)?,
         std::slice::from_ref(&patch)
     );
     let sources: Vec<&str> =
@@ -304,7 +292,7 @@ fn the_large_lists_overlay_is_the_tools_output() -> Result<()> {
 /// fire) as conf/monitoring/prometheusrule-tests.yaml says.
 #[test]
 fn prometheus_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
-    let rule = &yaml_docs(&std::fs::read_to_string(
+    let rule = &manifests::yaml(&std::fs::read_to_string(
         conf().join("kubernetes/prometheusrule.yaml"),
     )?)?[0];
     assert_eq!(rule["kind"], "PrometheusRule");
@@ -469,7 +457,7 @@ fn json_logs_deny_events_and_dashboard_queries_on_a_live_daemon() -> Result<()> 
             exprs.push((variable["name"].to_string(), q.to_owned()));
         }
     }
-    let rule = &yaml_docs(&std::fs::read_to_string(
+    let rule = &manifests::yaml(&std::fs::read_to_string(
         conf().join("kubernetes/prometheusrule.yaml"),
     )?)?[0];
     for alert in rule["spec"]["groups"][0]["rules"]
