@@ -8,17 +8,8 @@ use egress_deny_datapath::{
     table::TableKey,
 };
 
-use super::{Entry, RuleSet, budget::check};
+use super::{Entry, RuleSet, SyncError, budget::check};
 use crate::status::EnforcedRecord;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Map(#[from] egress_deny_datapath::Error),
-    /// The set does not fit (rule count or memory): rejected before anything changed.
-    #[error("{0}")]
-    TooLarge(String),
-}
 
 /// One family's swap, for logs, status and metrics.
 #[derive(Clone, Copy, Debug)]

@@ -2,7 +2,7 @@
 //! per family, `--max-table-bytes`, and the memory left in the daemon's cgroup.
 use egress_deny_datapath::table::{self, Layout};
 
-use super::{RuleSet, apply::SyncError};
+use super::{RuleSet, SyncError};
 
 /// Refuses, before anything changes, a set the tables cannot hold: more rules per
 /// family than the program's search is bounded for, tables over `max_table_bytes`

@@ -1,5 +1,16 @@
-//! Why an update is rejected ([`RulesError`]) and the bounds on one update ([`Limits`]).
+//! Why an update is rejected (reading the files: [`RulesError`]; making it the set in
+//! force: [`SyncError`]) and the bounds on one update ([`Limits`]).
 use ipnet::IpNet;
+
+/// A parsed set that could not be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Map(#[from] egress_deny_datapath::Error),
+    /// The set does not fit (rule count or memory): rejected before anything changed.
+    #[error("{0}")]
+    TooLarge(String),
+}
 
 /// A rejected update: which file and line, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -36,8 +36,10 @@ mod parse;
 mod pipeline;
 mod protect;
 
-pub use apply::{FamilySwap, SyncError, Syncer};
-pub use error::{DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE, DEFAULT_MAX_RULES, Limits, RulesError};
+pub use apply::{FamilySwap, Syncer};
+pub use error::{
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE, DEFAULT_MAX_RULES, Limits, RulesError, SyncError,
+};
 pub use files::{Fingerprint, rule_files, shown, still_current};
 pub(crate) use files::{UTF8_BOM, open};
 pub(crate) use parse::{fast_line, parse_rule, split_rule};
