@@ -60,10 +60,14 @@ impl AttachMode {
     /// `EGRESS_DENY_ATTACH_MODE` (`tcx`, `netlink`) when set — how tests exercise the
     /// cls_bpf fallback on a kernel with TCX — else [`Self::best_available`].
     pub fn forced_or_best() -> Self {
+        Self::forced().unwrap_or_else(Self::best_available)
+    }
+
+    /// `EGRESS_DENY_ATTACH_MODE`, when set to a mode this version knows.
+    pub fn forced() -> Option<Self> {
         std::env::var("EGRESS_DENY_ATTACH_MODE")
             .ok()
             .and_then(|m| Self::parse(&m))
-            .unwrap_or_else(Self::best_available)
     }
 
     /// TCX where the kernel has it (6.6+), netlink otherwise.

@@ -53,9 +53,14 @@ pub enum AttachModeSetting {
 }
 
 impl NetConf {
+    /// `EGRESS_DENY_ATTACH_MODE` wins over the conflist's `attachMode` (how tests force
+    /// the cls_bpf fallback on a kernel with TCX).
     pub fn attach_mode(&self) -> AttachMode {
-        let from_env = std::env::var("EGRESS_DENY_ATTACH_MODE").ok();
-        if let Some(mode) = from_env.as_deref().and_then(AttachMode::parse) {
+        self.attach_mode_given(AttachMode::forced())
+    }
+
+    fn attach_mode_given(&self, forced: Option<AttachMode>) -> AttachMode {
+        if let Some(mode) = forced {
             return mode;
         }
         match self.attach_mode {

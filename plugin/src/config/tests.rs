@@ -96,3 +96,22 @@ fn only_listed_namespaces_are_excluded() {
     // Without K8S_POD_NAMESPACE the pod is filtered.
     assert!(!conf.is_excluded(None));
 }
+
+#[test]
+fn the_forced_attach_mode_wins_over_the_conflist() {
+    let tcx = conf(r#"{"cniVersion":"1.1.0","attachMode":"tcx"}"#).unwrap();
+    let netlink = conf(r#"{"cniVersion":"1.1.0","attachMode":"netlink"}"#).unwrap();
+    assert_eq!(tcx.attach_mode_given(None), AttachMode::Tcx);
+    assert_eq!(netlink.attach_mode_given(None), AttachMode::Netlink);
+    assert_eq!(
+        tcx.attach_mode_given(Some(AttachMode::Netlink)),
+        AttachMode::Netlink
+    );
+    assert_eq!(
+        netlink.attach_mode_given(Some(AttachMode::Tcx)),
+        AttachMode::Tcx
+    );
+    // Auto: whatever this kernel has (TCX from 6.6).
+    let auto = conf(r#"{"cniVersion":"1.1.0"}"#).unwrap();
+    assert_eq!(auto.attach_mode_given(None), AttachMode::best_available());
+}
